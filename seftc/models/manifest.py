@@ -1,0 +1,86 @@
+"""`seftc_manifest.json`: what was done to a checkpoint, layer by layer.
+
+Every stage that writes a model folder writes one; later stages read it (repair needs the masks'
+targets, inspect checks the claimed pattern). Unknown keys are kept on round trip so newer
+writers do not lose data through older readers.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seftc.errors import SeftcError
+
+MANIFEST_NAME = "seftc_manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: list[int]
+    target_sparsity: float
+    nonzero: int
+    sparsity: float
+    pattern: str
+    mask_sha256: str
+
+
+@dataclass
+class Manifest:
+    stage: str
+    method: str
+    pattern: str
+    target_sparsity: float
+    sparsity: float  # measured over the target layers
+    layers: list[LayerRecord]
+    calibration: dict[str, Any] | None
+    config: dict[str, Any]
+    source_model: str
+    seed: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float | None = None
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
+        try:
+            raw = json.loads(text)
+            layers = [LayerRecord(**layer) for layer in raw.pop("layers")]
+            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw and k != "layers"}
+            return cls(layers=layers, **known)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise SeftcError(f"{where} is not a valid seftc manifest ({e.__class__.__name__}: {e})") from None
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / MANIFEST_NAME).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest | None":
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def tool_versions() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    import seftc
+
+    return {
+        "seftc": seftc.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }

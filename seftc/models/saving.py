@@ -1,0 +1,63 @@
+"""Atomic model folder writes: everything goes to a temporary sibling folder that is renamed into
+place only when complete, so a failure leaves nothing behind and never touches the input."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from seftc.errors import SeftcError
+
+
+def check_output(out: str | os.PathLike, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Validate an output folder before any work starts."""
+    out = Path(out).expanduser()
+    resolved = out.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        src_dir = src if src.is_dir() else src.parent
+        if resolved == src_dir or src_dir in resolved.parents or resolved in src_dir.parents:
+            raise SeftcError(f"output {out} would overwrite the input model; choose another -o folder")
+    if out.exists() and not force:
+        raise SeftcError(f"output {out} already exists; pass --force to replace it or choose another -o folder")
+    if out.exists() and not out.is_dir():
+        raise SeftcError(f"output {out} exists and is not a folder; remove it or choose another -o folder")
+    parent = resolved.parent
+    if not parent.exists():
+        raise SeftcError(f"the parent folder of {out} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise SeftcError(f"cannot write into {parent}; check its permissions")
+    return out
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `out`, on failure it is removed."""
+    out = Path(out).expanduser()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model, tokenizer, out: Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a folder that plain `AutoModelForCausalLM.from_pretrained` loads."""
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(out)

@@ -1,0 +1,72 @@
+"""Typed configuration of one-shot pruning (the `prune` stage of a recipe)."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from seftc.data.calibration import CalibConfig
+from seftc.errors import SeftcError
+from seftc.models.targets import DEFAULT_IGNORE
+from seftc.prune.masks import Pattern, check_sparsity, parse_pattern
+from seftc.prune.methods import PRUNERS
+
+
+class PruneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "wanda"
+    sparsity: float | None = Field(None, description="fraction of target weights removed; implied by N:M patterns")
+    pattern: str = "unstructured"
+    calib: CalibConfig = CalibConfig()
+    include: list[str] = ["*"]
+    ignore: list[str] = list(DEFAULT_IGNORE)
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    batch_size: int | None = Field(None, ge=1, description="calibration batch; None = all samples at once (one pass)")
+    blocksize: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in PRUNERS:
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(PRUNERS)}")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, v: str) -> str:
+        return str(parse_pattern(v))
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        p = self.parsed_pattern
+        if p.is_nm:
+            return p.sparsity
+        return check_sparsity(0.5 if self.sparsity is None else self.sparsity)
+
+    def checked(self) -> "PruneConfig":
+        """Cross-field checks; raises SeftcError."""
+        p = self.parsed_pattern
+        if p.is_nm:
+            if self.sparsity is not None and abs(self.sparsity - p.sparsity) > 1e-9:
+                raise SeftcError(f"pattern {p} fixes the sparsity at {p.sparsity:g}; drop --sparsity or set it to {p.sparsity:g}")
+            if self.owl:
+                raise SeftcError("OWL allocates per-layer sparsity and cannot be combined with an N:M pattern")
+        else:
+            check_sparsity(self.target_sparsity)
+        return self
+
+
+def make_config(**kwargs) -> PruneConfig:
+    """Build and validate a PruneConfig, turning validation errors into one SeftcError line."""
+    try:
+        return PruneConfig(**kwargs).checked()
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "prune"
+        raise SeftcError(f"prune.{where}: {err['msg']}") from None
