@@ -3,6 +3,7 @@ so `seftc --help` does not import torch."""
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -17,6 +18,23 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    """Subcommands imported on demand; usage errors print one line and exit with status 2."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        args_list = list(args[0]) if args and args[0] is not None else sys.argv[1:]
+        if not any(a in ("-h", "--help", "--version") for a in args_list) and args_list:
+            _quiet_transformers()
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
@@ -32,6 +50,20 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="seftc")
 def cli() -> None:
     """seftc: prune, repair (SEFT), pack, export and serve sparse LLMs."""
+
+
+def _quiet_transformers() -> None:
+    """The CLI draws its own progress; silence transformers' bars and advisories (CLI only)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def main() -> None:

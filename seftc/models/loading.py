@@ -25,6 +25,7 @@ from seftc.errors import SeftcError
 DEFAULT_MODEL = "default"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_CACHE_VERSION = 1  # bump when the conversion of the default model changes
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,9 @@ def _from_gguf(path: Path, dtype: str) -> tuple[Any, Any]:
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise SeftcError(f"cannot load GGUF file {path}: {str(e).splitlines()[0][:200]}") from None
     config = loaded.config
+    for attr in ("quantization_config", "_model_name_or_path"):  # the rebuilt model is plain and saveable
+        if hasattr(config, attr):
+            delattr(config, attr)
     target = _torch_dtype(dtype, torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=target)
     model.load_state_dict(loaded.state_dict(), strict=False)
@@ -141,7 +145,7 @@ def default_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a safetensors folder, converted on first use."""
     from seftc.data import resources
 
-    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-v{_CACHE_VERSION}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     gguf = resources.smollm2_gguf()
