@@ -69,7 +69,14 @@ class RichProgress:
 
     def task(self, description: str, total: int | None) -> Callable[[int], None]:
         task_id = self._progress.add_task(description, total=total)
+        self._last = (task_id, description)
         return lambda n=1: self._progress.advance(task_id, n)
+
+    def status(self, **fields: Any) -> None:
+        """Show live figures (step, loss, tokens/s, ...) beside the last task's bar."""
+        task_id, description = self._last
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items() if v is not None)
+        self._progress.update(task_id, description=f"{description} {text}")
 
 
 @contextmanager

@@ -12,6 +12,7 @@ COMMANDS = {
     "prune": "seftc.cli.prune:prune",
     "eval": "seftc.cli.evaluate:evaluate",
     "inspect": "seftc.cli.inspect:inspect_cmd",
+    "repair": "seftc.cli.repair:repair",
     "pack": "seftc.cli.pack:pack",
     "unpack": "seftc.cli.pack:unpack",
 }
@@ -68,3 +69,7 @@ def _quiet_transformers() -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -43,6 +43,8 @@ class Manifest:
     seed: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    layer_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float | None = None
     version: int = MANIFEST_VERSION
 

@@ -122,11 +122,13 @@ def prune(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     dtype: str = "auto",
+    layer_sparsity: dict[str, float] | None = None,
     **overrides: Any,
 ) -> PruneResult:
     """Prune MODEL one-shot; write the pruned folder + manifest to `output` when given.
 
-    `overrides` are PruneConfig fields (`method="sparsegpt", sparsity=0.7, ...`)."""
+    `overrides` are PruneConfig fields (`method="sparsegpt", sparsity=0.7, ...`); `layer_sparsity`
+    sets per-layer targets by module name (re-pruning to a manifest's allocation)."""
     cfg = make_config(**{**(config.model_dump() if config else {}), **overrides})
     start = time.perf_counter()
     if isinstance(model, LoadedModel):
@@ -145,7 +147,7 @@ def prune(
     targets = find_targets(loaded.model, cfg.include, cfg.ignore)
     _check_widths(targets, pattern)
     pruner_cls = PRUNERS[cfg.method]
-    sparsity = {t.name: cfg.target_sparsity for t in targets}
+    sparsity = {t.name: (layer_sparsity or {}).get(t.name, cfg.target_sparsity) for t in targets}
     calib_record = None
     samples = None
     if pruner_cls.needs_calibration or cfg.owl:

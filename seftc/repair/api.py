@@ -1,0 +1,292 @@
+"""`seftc.repair`: recover a pruned model's quality while keeping its sparsity.
+
+One loop trains every method (see methods.py) on the same data and step budget: windows of
+`seqlen` tokens drawn per step from a seeded generator, `batch_size` sequences per step split into
+`grad_accum` micro-batches (and across ranks under torchrun), AdamW with linear warm-up then a
+cosine decay to 10% of the learning rate, no dropout (the model stays in eval mode, so a resumed
+run repeats an uninterrupted one exactly), held-out loss every `eval_every` steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seftc.errors import SeftcError
+from seftc.models.loading import LoadedModel, load_model, resolve_model
+from seftc.models.manifest import LayerRecord, Manifest, tool_versions
+from seftc.models.saving import atomic_folder, check_output, save_model
+from seftc.models.targets import find_targets
+from seftc.prune.masks import mask_checksum, nm_holds, parse_pattern
+from seftc.progress import NO_PROGRESS, ProgressSink
+from seftc.repair import distributed
+from seftc.repair.config import RepairConfig, make_repair_config
+from seftc.repair.data import TokenWindows
+from seftc.repair.methods import make_method
+
+CHECKPOINT_SUFFIX = ".checkpoint"
+
+
+@dataclass
+class RepairResult:
+    loaded: LoadedModel
+    manifest: Manifest
+    history: dict[str, list]
+    output: Path | None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def lr_at(step: int, cfg: RepairConfig) -> float:
+    base = cfg.learning_rate
+    if step < cfg.warmup:
+        return base * (step + 1) / cfg.warmup
+    span = max(cfg.steps - cfg.warmup, 1)
+    progress = (step - cfg.warmup) / span
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _pruned_state(loaded: LoadedModel) -> tuple[Manifest, list, dict[str, torch.Tensor]]:
+    manifest = Manifest.load(loaded.ref.folder) if loaded.ref.kind in ("folder", "safetensors") else None
+    if manifest is None:
+        raise SeftcError(f"{loaded.ref.spec} has no seftc_manifest.json; repair needs a model written by `seftc prune`")
+    if not manifest.layers or manifest.sparsity <= 0:
+        raise SeftcError(f"{loaded.ref.spec} has no sparsity to keep (manifest sparsity {manifest.sparsity}); prune it first")
+    names = {rec.name for rec in manifest.layers}
+    targets = [t for t in find_targets(loaded.model, ["*"], []) if t.name in names]
+    if len(targets) != len(names):
+        raise SeftcError(f"{loaded.ref.spec}: the manifest names layers this model does not have")
+    masks = {}
+    by_name = {rec.name: rec for rec in manifest.layers}
+    for t in targets:
+        mask = t.module.weight.data != 0
+        if mask_checksum(mask) != by_name[t.name].mask_sha256:
+            raise SeftcError(f"{t.name}: weights do not match the manifest's mask checksum; the model was changed after pruning")
+        masks[t.name] = mask
+    return manifest, targets, masks
+
+
+def _eval_loss(model, windows: torch.Tensor, batch: int) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in windows.split(batch):
+            out = model(input_ids=chunk, labels=chunk)
+            n = chunk.numel() - chunk.shape[0]
+            total += float(out.loss) * n
+            count += n
+    return total / max(count, 1)
+
+
+def _reprune(source_manifest: Manifest, loaded: LoadedModel, cfg: RepairConfig):
+    """lora-merge: Wanda back to each layer's target, calibrated as the input was."""
+
+    def reprune(model) -> dict[str, torch.Tensor]:
+        from seftc.prune.api import prune
+
+        calib = dict(source_manifest.calibration or {})
+        calib_cfg = {k: calib[k] for k in ("source", "nsamples", "seqlen", "seed") if k in calib} or {"source": cfg.data}
+        names = [rec.name for rec in source_manifest.layers]
+        sparsity = {rec.name: rec.target_sparsity for rec in source_manifest.layers}
+        result = prune(LoadedModel(model, loaded.tokenizer, loaded.ref), method="wanda", pattern=source_manifest.pattern,
+                       sparsity=None if parse_pattern(source_manifest.pattern).is_nm else source_manifest.target_sparsity,
+                       include=names, ignore=[], calib=calib_cfg, layer_sparsity=sparsity)
+        return result.masks
+
+    return reprune
+
+
+def _ckpt_dir(output: Path | None, checkpoint_dir: str | os.PathLike | None) -> Path | None:
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    return None if output is None else output.with_name(output.name + CHECKPOINT_SUFFIX)
+
+
+def repair(
+    model: str | os.PathLike | LoadedModel,
+    config: RepairConfig | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    resume: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: ProgressSink = NO_PROGRESS,
+    stop_after: int | None = None,
+    **overrides: Any,
+) -> RepairResult:
+    """Repair a pruned model (a folder written by `seftc prune`) and save it to `output`."""
+    cfg = make_repair_config(**{**(config.model_dump() if config else {}), **overrides})
+    start_time = time.perf_counter()
+    dist = distributed.setup()
+    out = Path(output) if output is not None else None
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        ref = resolve_model(model)
+        if out is not None and dist.is_main:
+            check_output(out, force, (ref.path,))
+        loaded = load_model(ref)
+    if loaded.tokenizer is None:
+        raise SeftcError(f"{loaded.ref.spec} has no tokenizer; repair needs one to read its training text")
+    if cfg.batch_size % (dist.world * cfg.grad_accum):
+        raise SeftcError(f"batch size {cfg.batch_size} must be divisible by ranks × grad_accum = {dist.world * cfg.grad_accum}")
+    source_manifest, targets, masks = _pruned_state(loaded)
+    pattern = parse_pattern(source_manifest.pattern)
+    train = TokenWindows.from_source(loaded.tokenizer, cfg.data, cfg.seqlen, cfg.seed)
+    held_out = TokenWindows.from_source(loaded.tokenizer, cfg.eval_data, cfg.seqlen, cfg.seed).fixed(cfg.eval_windows)
+
+    model_ = loaded.model
+    model_.eval()
+    if cfg.grad_checkpointing:
+        model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    method = make_method(cfg, pattern, dist.mean(), _reprune(source_manifest, loaded, cfg))
+    method.attach(model_, targets, masks)
+    if cfg.grad_checkpointing:
+        model_.enable_input_require_grads()
+    params = method.trainable()
+
+    history: dict[str, list] = {"train_loss": [], "eval_loss": [], "regrown": [], "lr": []}
+    start = 0
+    ckpt = _ckpt_dir(out, checkpoint_dir)
+    if resume:
+        latest = _latest_checkpoint(ckpt)
+        if latest is None:
+            raise SeftcError(f"--resume: no checkpoint at {ckpt}; run with --checkpoint-every N first")
+        start, history = _load_checkpoint(latest, cfg, method)
+
+    n_micro = cfg.grad_accum
+    local_batch = cfg.batch_size // dist.world
+    advance = progress.task(f"repair ({cfg.method})", cfg.steps)
+    advance(start)
+    if start == 0 and cfg.eval_every:
+        history["eval_loss"].append([0, _eval_loss(model_, held_out, local_batch)])
+    tokens_seen, t0 = 0, time.perf_counter()
+    for step in range(start, cfg.steps):
+        ids = train.batch(step, cfg.batch_size)[dist.rank :: dist.world]
+        method.begin_step(step, n_micro)
+        loss_sum = torch.zeros(())
+        for micro, chunk in enumerate(ids.chunk(n_micro)):
+            method.begin_micro(micro)
+            loss = model_(input_ids=chunk, labels=chunk).loss / n_micro
+            loss.backward()
+            loss_sum += loss.detach()
+        dist.average_grads(params)
+        reduce = dist.mean()
+        loss_value = float(reduce(loss_sum) if reduce else loss_sum)
+        lr = lr_at(step, cfg)
+        method.optimizer_step(lr)
+        info = method.after_step(step)
+        history["train_loss"].append([step + 1, loss_value])
+        history["lr"].append([step + 1, lr])
+        if "regrown" in info and info["regrown"] is not None and (step + 1) % cfg.update_interval == 0:
+            history["regrown"].append([step + 1, info["regrown"]])
+        tokens_seen += ids.numel() * dist.world
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            history["eval_loss"].append([step + 1, _eval_loss(model_, held_out, local_batch)])
+        if hasattr(progress, "status"):
+            progress.status(step=step + 1, loss=loss_value, tokens_per_s=tokens_seen / (time.perf_counter() - t0), regrown=info.get("regrown"))
+        advance(1)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and ckpt is not None:
+            if dist.is_main:
+                _save_checkpoint(ckpt, step + 1, cfg, method, history)
+            dist.barrier()
+        if stop_after is not None and step + 1 >= stop_after:
+            break
+
+    seconds = time.perf_counter() - start_time
+    stats = method.stats()
+    final_masks = method.finalize(model_, masks)
+    if cfg.grad_checkpointing:
+        model_.gradient_checkpointing_disable()
+    manifest = _manifest(loaded, source_manifest, cfg, targets_names=[t.name for t in targets], masks=masks, stats=stats,
+                         history=history, seconds=seconds, dist=dist)
+    ranks = dist.gather([rec.mask_sha256 for rec in manifest.layers])
+    manifest.config["ranks"] = dist.world
+    manifest.config["ranks_agree"] = all(r == ranks[0] for r in ranks)
+    if not manifest.config["ranks_agree"]:
+        raise RuntimeError("ranks took different topology decisions")
+    saved = None
+    if out is not None and dist.is_main:
+        saved = save_model(model_, loaded.tokenizer, out, {"seftc_manifest.json": manifest.to_json()})
+        if ckpt is not None and ckpt.exists() and checkpoint_dir is None:
+            import shutil
+
+            shutil.rmtree(ckpt, ignore_errors=True)
+    dist.barrier()
+    return RepairResult(loaded, manifest, history, saved, final_masks)
+
+
+def _manifest(loaded, source: Manifest, cfg: RepairConfig, targets_names, masks, stats, history, seconds, dist) -> Manifest:
+    modules = dict(loaded.model.named_modules())
+    pattern = parse_pattern(source.pattern)
+    records, layer_stats = [], {}
+    before = {rec.name: rec for rec in source.layers}
+    for name in targets_names:
+        w = modules[name].weight.data
+        nonzero = int(torch.count_nonzero(w))
+        records.append(LayerRecord(
+            name=name, shape=list(w.shape), target_sparsity=before[name].target_sparsity, nonzero=nonzero,
+            sparsity=1 - nonzero / w.numel(),
+            pattern=str(pattern) if pattern.is_nm and nm_holds(w, pattern) else "unstructured",
+            mask_sha256=mask_checksum(w != 0),
+        ))
+        moved = int((masks[name] & (w == 0)).sum())
+        layer_stats[name] = {"sparsity_before": before[name].sparsity, "sparsity_after": records[-1].sparsity,
+                             "positions_left": moved, **stats.get(name, {})}
+    total = sum(r.shape[0] * r.shape[1] for r in records)
+    nonzero = sum(r.nonzero for r in records)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    config = {**cfg.model_dump(), "learning_rate": cfg.learning_rate, "peak_rss_mib": peak}
+    prior = {k: getattr(source, k) for k in ("stage", "method", "pattern", "target_sparsity", "sparsity", "calibration", "config")}
+    return Manifest(
+        stage="repair", method=cfg.method, pattern=source.pattern, target_sparsity=source.target_sparsity,
+        sparsity=1 - nonzero / total, layers=records, calibration=source.calibration, config=config,
+        source_model=loaded.ref.spec, seed=cfg.seed, versions=tool_versions(), history=source.history + [prior],
+        layer_stats=layer_stats, elapsed_s=seconds, training=history,
+    )
+
+
+def _save_checkpoint(ckpt: Path, step: int, cfg: RepairConfig, method, history) -> None:
+    """Write `ckpt/step-N/` atomically, then point `ckpt/latest` at it (an atomic file rename),
+    then drop older steps: a kill at any instant leaves a complete checkpoint behind."""
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    with atomic_folder(ckpt / name) as tmp:
+        save_file(method.state_tensors(), str(tmp / "state.safetensors"))
+        meta = {"step": step, "config": cfg.model_dump(), "history": history, "method": method.meta()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+    pointer = ckpt / ".latest.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, ckpt / "latest")
+    for old in ckpt.glob("step-*"):
+        if old.name != name:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_checkpoint(ckpt: Path | None) -> Path | None:
+    if ckpt is None or not (ckpt / "latest").is_file():
+        return None
+    folder = ckpt / (ckpt / "latest").read_text().strip()
+    return folder if (folder / "meta.json").is_file() else None
+
+
+def _load_checkpoint(folder: Path, cfg: RepairConfig, method) -> tuple[int, dict]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "meta.json").read_text())
+    saved = {k: v for k, v in meta["config"].items() if k != "checkpoint_every"}
+    now = {k: v for k, v in cfg.model_dump().items() if k != "checkpoint_every"}
+    if saved != now:
+        diff = sorted(k for k in now if saved.get(k) != now[k])
+        raise SeftcError(f"--resume: the checkpoint at {folder} was made with other options ({', '.join(diff)}); rerun with the same options")
+    method.load_state_tensors(load_file(str(folder / "state.safetensors")), meta["method"])
+    return meta["step"], meta["history"]

@@ -1,0 +1,72 @@
+"""Typed configuration of repair (the `repair` stage of a recipe)."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from seftc.errors import SeftcError
+
+METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
+DEFAULT_LR = {"seft": 2e-4, "seft-noregrow": 2e-4, "static": 5e-5, "lora-merge": 5e-4, "masked-lora": 5e-4, "lora-dense": 5e-4}
+
+
+class RepairConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "seft"
+    data: str = "shakespeare:train"
+    eval_data: str = "shakespeare:valid"
+    steps: int = Field(140, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seqlen: int = Field(256, ge=8)
+    lr: float | None = Field(None, gt=0)
+    warmup: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    eval_every: int = Field(20, ge=0)
+    eval_windows: int = Field(8, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    grad_checkpointing: bool = False
+    # SEFT
+    density: float = Field(0.02, gt=0, le=1)
+    update_interval: int = Field(20, ge=1)
+    accumulation: int = Field(5, ge=1)
+    zeta0: float = Field(0.2, ge=0, le=1)
+    protect: int = Field(2, ge=0)
+    candidates: float = Field(1.0, gt=0)
+    init: str = "random"
+    # LoRA baselines
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = 16.0
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown repair method {v!r}; choose one of {', '.join(METHODS)}")
+        return v
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        if v not in ("random", "gradient"):
+            raise ValueError("init must be 'random' or 'gradient'")
+        return v
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+def make_repair_config(**kwargs) -> RepairConfig:
+    try:
+        cfg = RepairConfig(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "repair"
+        raise SeftcError(f"repair.{where}: {err['msg']}") from None
+    if cfg.batch_size % cfg.grad_accum:
+        raise SeftcError(f"repair.batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum})")
+    if cfg.accumulation > cfg.update_interval:
+        raise SeftcError("repair.accumulation must not exceed repair.update_interval")
+    return cfg

@@ -1,0 +1,64 @@
+"""AdamW over SEFT's delta slots with one step count per slot.
+
+Stock AdamW keeps one step count per parameter tensor, so a slot regrown at step 500 would get
+the bias correction of step 500 while its moments are fresh zeros. Here every slot carries its
+own count, reset together with its moments when the slot moves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SlotState:
+    m: torch.Tensor
+    v: torch.Tensor
+    t: torch.Tensor  # per-slot step count (float, for the power)
+
+
+class SlotAdamW:
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        self.params = params
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.state = [SlotState(torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+
+    @torch.no_grad()
+    def step(self, lr: float | None = None) -> None:
+        lr = self.lr if lr is None else lr
+        b1, b2 = self.betas
+        for p, s in zip(self.params, self.state):
+            if p.grad is None:
+                continue
+            g = p.grad
+            s.t += 1
+            s.m.mul_(b1).add_(g, alpha=1 - b1)
+            s.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            m_hat = s.m / (1 - b1**s.t)
+            v_hat = s.v / (1 - b2**s.t)
+            if self.weight_decay:
+                p.mul_(1 - lr * self.weight_decay)
+            p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def reset_slots(self, index: int, slots: torch.Tensor) -> None:
+        s = self.state[index]
+        for t in (s.m, s.v, s.t):
+            t[slots] = 0
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, s in enumerate(self.state):
+            out[f"{i}.m"], out[f"{i}.v"], out[f"{i}.t"] = s.m, s.v, s.t
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, s in enumerate(self.state):
+            s.m.copy_(tensors[f"{i}.m"])
+            s.v.copy_(tensors[f"{i}.v"])
+            s.t.copy_(tensors[f"{i}.t"])

@@ -1,0 +1,237 @@
+"""SEFT repair and its baselines on tiny models: exactness, math, resume, two-process training."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seftc.models.manifest import Manifest
+from seftc.prune.api import prune
+from seftc.prune.masks import Pattern, nm_holds
+from seftc.repair import topology
+from seftc.repair.api import repair
+from seftc.repair.layer import SeftLinear
+from seftc.repair.optim import SlotAdamW
+
+TEXT = str(Path(__file__).with_name("data") / "sonnets.txt")
+QUICK = dict(data=TEXT, eval_data=TEXT, steps=12, batch_size=4, seqlen=32, update_interval=4, accumulation=2, eval_every=6)
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pruned")
+    calib = {"source": TEXT, "nsamples": 4, "seqlen": 32}
+    prune(str(tiny_dir), method="wanda", sparsity=0.7, calib=calib, output=root / "u70")
+    prune(str(tiny_dir), method="wanda", pattern="2:4", calib=calib, output=root / "nm24")
+    return root
+
+
+def _saved_nonzero(folder: Path) -> dict[str, int]:
+    state = load_file(folder / "model.safetensors")
+    manifest = Manifest.load(folder)
+    return {rec.name: int(torch.count_nonzero(state[rec.name + ".weight"])) for rec in manifest.layers}
+
+
+# -- pure topology -------------------------------------------------------------------------------
+def test_drop_takes_smallest_unprotected_live_slots():
+    delta = torch.tensor([0.5, -0.01, 0.2, 0.0, -0.03])
+    live = torch.tensor([True, True, True, False, True])
+    protected = torch.tensor([False, True, False, False, False])
+    assert sorted(topology.select_drop(delta, live, protected, 2).tolist()) == [2, 4]
+
+
+def test_grow_skips_excluded_and_respects_allowed():
+    cand = torch.tensor([0, 3, 5, 7])
+    score = torch.tensor([9.0, 8.0, 7.0, 6.0])
+    excluded = torch.zeros(8, dtype=torch.bool)
+    excluded[0] = True
+    assert topology.select_grow(cand, score, excluded, 2).tolist() == [3, 5]
+    allowed = torch.ones(8, dtype=torch.bool)
+    allowed[3] = False
+    assert topology.select_grow(cand, score, excluded, 2, allowed).tolist() == [5, 7]
+
+
+def test_prune_back_least_sensitive_unprotected():
+    active = torch.tensor([True, True, True, False, True])
+    sens = torch.tensor([0.1, 0.05, 3.0, 0.0, 0.01])
+    protected = torch.tensor([False, False, False, False, True])
+    assert sorted(topology.select_prune_back(active, sens, protected, 2).tolist()) == [0, 1]
+
+
+def test_nm_swaps_keep_exact_group_counts():
+    torch.manual_seed(0)
+    m = 4
+    active = torch.zeros(32, dtype=torch.bool)
+    active.view(-1, m)[:, :2] = True  # 2:4
+    grow = torch.tensor([2, 3, 6, 14])  # two in group 0, one in group 1, one in group 3
+    score = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    sens = torch.rand(32)
+    grown, removed = topology.nm_swaps(grow, score, active, sens, torch.zeros(32, dtype=torch.bool), m)
+    assert sorted(grown.tolist()) == [3, 6, 14]  # group 0 keeps only its best candidate
+    assert (removed // m).tolist() == (grown // m).tolist()
+    active[removed] = False
+    active[grown] = True
+    assert (active.view(-1, m).sum(1) == 2).all()
+
+
+def test_drop_fraction_cosine():
+    assert topology.drop_fraction(0, 100, 0.2) == pytest.approx(0.2)
+    assert topology.drop_fraction(50, 100, 0.2) == pytest.approx(0.1)
+    assert topology.drop_fraction(100, 100, 0.2) == pytest.approx(0.0)
+
+
+# -- layer and optimizer -------------------------------------------------------------------------
+def test_seft_linear_gradient_equals_dense_gradient_at_slots():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 8)
+    mask = torch.rand(8, 12) > 0.5
+    base.weight.data *= mask
+    slots = mask.reshape(-1).nonzero().flatten()[:10]
+    layer = SeftLinear(base, mask, 10, slots)
+    layer.delta.data.normal_()
+    seen = {}
+    layer.observer = lambda l, g: seen.setdefault("g", g.clone()) if False else g
+    x = torch.randn(3, 5, 12)
+    layer(x).square().sum().backward()
+    w = layer.effective_weight().clone().requires_grad_(True)
+    torch.nn.functional.linear(x, w, base.bias).square().sum().backward()
+    assert torch.allclose(layer.delta.grad, w.grad.reshape(-1)[slots], atol=1e-5)
+
+
+def test_slot_adam_bias_correction_is_per_slot():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = SlotAdamW([p], lr=0.1)
+    for _ in range(50):
+        p.grad = torch.tensor([1.0, 1.0])
+        opt.step()
+    opt.reset_slots(0, torch.tensor([1]))
+    before = p.data.clone()
+    p.grad = torch.tensor([1.0, 1.0])
+    opt.step()
+    # a fresh slot's first Adam step moves by ~lr, like any first step
+    assert (before[1] - p.data[1]).item() == pytest.approx(0.1, rel=1e-3)
+
+
+# -- end to end ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["u70", "nm24"])
+def test_seft_keeps_exact_per_layer_sparsity_and_regrows(pruned, tmp_path, which):
+    src = pruned / which
+    out = tmp_path / "r"
+    r = repair(str(src), method="seft", output=out, density=0.05, **QUICK)
+    assert _saved_nonzero(out) == _saved_nonzero(src)
+    m = Manifest.load(out)
+    regrown = sum(s["regrown"] for s in m.layer_stats.values())
+    assert regrown > 0 and all(s["updates"] == 2 for s in m.layer_stats.values())
+    if which == "nm24":
+        state = load_file(out / "model.safetensors")
+        assert all(nm_holds(state[rec.name + ".weight"], Pattern(2, 4)) for rec in m.layers)
+    # the mask moved: some positions left, as many entered
+    assert sum(s["positions_left"] for s in m.layer_stats.values()) > 0
+    assert r.history["eval_loss"][-1][1] < r.history["eval_loss"][0][1]
+    for key in ("density", "update_interval", "accumulation", "zeta0", "lr", "steps", "batch_size", "seqlen", "seed", "data"):
+        assert key in m.config
+
+
+def test_noregrow_never_enters_pruned_region(pruned, tmp_path):
+    out = tmp_path / "r"
+    repair(str(pruned / "u70"), method="seft-noregrow", output=out, density=0.05, **QUICK)
+    m = Manifest.load(out)
+    assert sum(s["regrown"] for s in m.layer_stats.values()) == 0
+    src = Manifest.load(pruned / "u70")
+    assert [r.mask_sha256 for r in m.layers] == [r.mask_sha256 for r in src.layers]
+
+
+@pytest.mark.parametrize("method,keeps", [("static", True), ("masked-lora", True), ("lora-merge", True), ("lora-dense", False)])
+def test_baselines(pruned, tmp_path, method, keeps):
+    out = tmp_path / "r"
+    repair(str(pruned / "u70"), method=method, output=out, **{**QUICK, "steps": 4})
+    m = Manifest.load(out)
+    if keeps:
+        assert _saved_nonzero(out) == _saved_nonzero(pruned / "u70")
+    else:
+        assert m.sparsity < 0.1
+    if method in ("static", "masked-lora"):  # the mask itself is unchanged
+        assert [r.mask_sha256 for r in m.layers] == [r.mask_sha256 for r in Manifest.load(pruned / "u70").layers]
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "seftc.cli.main", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _quick_args(**over):
+    args = {**QUICK, "steps": 16, **over}
+    out = []
+    for k, v in args.items():
+        out += [f"--{k.replace('_', '-')}", v]
+    return out
+
+
+def test_resume_after_kill_matches_uninterrupted_run(pruned, tmp_path):
+    src = pruned / "u70"
+    ref = tmp_path / "ref"
+    p = _cli("repair", src, "-o", ref, "--density", "0.05", *_quick_args())
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    out = tmp_path / "resumed"
+    p = _cli("repair", src, "-o", out, "--density", "0.05", "--checkpoint-every", "3", *_quick_args())
+    ckpt = tmp_path / "resumed.checkpoint" / "latest"
+    deadline = time.time() + 300
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    assert ckpt.exists() and not out.exists(), "the run finished before it could be killed"
+    p = _cli("repair", src, "-o", out, "--density", "0.05", "--checkpoint-every", "3", "--resume", *_quick_args())
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "resumed.checkpoint").exists()
+
+
+def test_two_process_training_matches_single_process(pruned, tmp_path):
+    src = pruned / "u70"
+    single = tmp_path / "single"
+    p = _cli("repair", src, "-o", single, "--density", "0.05", *_quick_args(steps=8))
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    dual = tmp_path / "dual"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "seftc.cli.main",
+           "repair", str(src), "-o", str(dual), "--density", "0.05", *map(str, _quick_args(steps=8))]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = Manifest.load(dual)
+    assert m.config["ranks"] == 2 and m.config["ranks_agree"] is True
+    assert [x.mask_sha256 for x in m.layers] == [x.mask_sha256 for x in Manifest.load(single).layers]
+    a, b = load_file(single / "model.safetensors"), load_file(dual / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_repair_bad_inputs(tiny_dir, pruned, tmp_path):
+    from click.testing import CliRunner
+
+    from seftc.cli.main import cli
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    cases = [
+        ([tiny_dir, "-o", tmp_path / "o"], "no seftc_manifest.json"),
+        ([pruned / "u70", "-o", tmp_path / "o", "--method", "qlora"], "--method"),
+        ([pruned / "u70", "-o", tmp_path / "o", "--data", empty], "empty"),
+        ([pruned / "u70", "-o", tmp_path / "o", "--data", binary], "not a text file"),
+        ([pruned / "u70", "-o", tmp_path / "o", "--resume"], "no checkpoint"),
+        ([pruned / "u70", "-o", tmp_path / "o", "--batch-size", "3", "--grad-accum", "2"], "divisible"),
+    ]
+    for args, expect in cases:
+        r = CliRunner().invoke(cli, ["repair", *map(str, args)])
+        assert r.exit_code == 2, (args, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], r.stderr
+        assert not (tmp_path / "o").exists()
