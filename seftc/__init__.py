@@ -10,23 +10,29 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# `prune`, `repair` and `compress` are subpackages that are also callable (see seftc/_callable.py).
+_CALLABLE_PACKAGES = ("prune", "repair", "compress")
+
 _API = {
     "load_model": "seftc.models.loading",
     "resolve_model": "seftc.models.loading",
-    "prune": "seftc.prune.api",
     "PruneConfig": "seftc.prune.config",
     "CalibConfig": "seftc.data.calibration",
     "perplexity": "seftc.eval.perplexity",
     "evaluate_tasks": "seftc.eval.multiple_choice",
     "inspect_model": "seftc.inspect",
+    "RepairConfig": "seftc.repair.config",
+    "load_sparse": "seftc.formats.sparse_model",
     "SeftcError": "seftc.errors",
     "FormatError": "seftc.errors",
 }
 
-__all__ = sorted(_API) + ["__version__"]
+__all__ = sorted([*_API, *_CALLABLE_PACKAGES]) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _CALLABLE_PACKAGES:
+        return importlib.import_module(f"seftc.{name}")
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'seftc' has no attribute {name!r}")

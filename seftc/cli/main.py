@@ -14,6 +14,7 @@ COMMANDS = {
     "inspect": "seftc.cli.inspect:inspect_cmd",
     "repair": "seftc.cli.repair:repair",
     "pack": "seftc.cli.pack:pack",
+    "compress": "seftc.cli.compress:compress",
     "unpack": "seftc.cli.pack:unpack",
 }
 

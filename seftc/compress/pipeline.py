@@ -1,0 +1,213 @@
+"""`seftc.compress`: prune → repair → pack → export → bench → eval → report, from one recipe.
+
+Every stage is a call into the library (the same functions behind the subcommands), cached under
+`RUN_DIR/stages/` by a hash of its config and inputs (see stages.py)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from seftc.compress.recipe import Recipe, load_recipe, recipe_to_dict
+from seftc.compress.stages import StageOutcome, model_identity, run_stage
+from seftc.errors import SeftcError
+from seftc.progress import NO_PROGRESS, ProgressSink
+
+
+@dataclass
+class CompressResult:
+    run_dir: Path
+    report: dict[str, Any]
+    stages: list[StageOutcome] = field(default_factory=list)
+
+
+def _validate(recipe: Recipe) -> None:
+    """Check every stage's options up front, so a bad value fails before hours of work."""
+    from seftc.models.loading import resolve_model
+    from seftc.repair.config import make_repair_config
+
+    resolve_model(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.prune:
+        _prune_config(recipe)
+    if recipe.repair:
+        if not recipe.prune:
+            raise SeftcError("recipe: repair needs a prune stage before it (or run `seftc repair` on a pruned folder)")
+        make_repair_config(**recipe.repair.model_dump())
+    if recipe.pack:
+        from seftc.formats.registry import CHOICES
+
+        if recipe.pack.format not in CHOICES:
+            raise SeftcError(f"recipe key pack.format: unknown format {recipe.pack.format!r}; choose one of {', '.join(CHOICES)}")
+    if recipe.eval and recipe.eval.tasks:
+        from seftc.data.tasks import check_task_names
+
+        check_task_names([t for t in recipe.eval.tasks.split(",") if t])
+
+
+def _prune_config(recipe: Recipe):
+    from seftc.models.targets import DEFAULT_IGNORE
+    from seftc.prune.config import make_config
+
+    p = recipe.prune
+    return make_config(method=p.method, sparsity=p.sparsity if p.pattern == "unstructured" else None, pattern=p.pattern,
+                       include=p.include, ignore=p.ignore if p.ignore is not None else list(DEFAULT_IGNORE), owl=p.owl,
+                       calib={"source": p.calib, "nsamples": p.nsamples, "seqlen": p.seqlen, "seed": p.seed})
+
+
+def _manifest_summary(folder: Path) -> dict[str, Any]:
+    from seftc.models.manifest import Manifest
+
+    m = Manifest.load(folder)
+    return json.loads(m.to_json()) if m else {}
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def compress(
+    model: str | os.PathLike | None = None,
+    recipe: Recipe | str | os.PathLike | None = None,
+    *,
+    run_dir: str | os.PathLike = "runs/compress",
+    overrides: list[str] = (),
+    progress: ProgressSink = NO_PROGRESS,
+    log: Callable[[str], None] = lambda s: None,
+) -> CompressResult:
+    """Run the whole pipeline; returns the report (also written to RUN_DIR/report.{md,json})."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, list(overrides), None if model is None else str(model))
+    _validate(recipe)
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.yaml").write_text(_yaml(recipe_to_dict(recipe)))
+    spec = recipe.model.path
+    outcomes: list[StageOutcome] = []
+    models: dict[str, str] = {"dense": spec}
+    keys: dict[str, str] = {"dense": model_identity(spec)}
+
+    def stage(name: str, config: Any, inputs: list[str], work: Callable[[Path], dict[str, Any]]) -> StageOutcome:
+        out = run_stage(run, name, config, inputs, work, log)
+        outcomes.append(out)
+        return out
+
+    if recipe.prune:
+        cfg = _prune_config(recipe)
+
+        def do_prune(tmp: Path) -> dict[str, Any]:
+            from seftc.prune.api import prune
+
+            prune(spec, cfg, output=tmp / "model", progress=progress, dtype=recipe.model.dtype,
+                  trust_remote_code=recipe.model.trust_remote_code)
+            return {"manifest": _manifest_summary(tmp / "model")}
+
+        o = stage("prune", cfg.model_dump(), [keys["dense"]], do_prune)
+        models["pruned"], keys["pruned"] = str(o.folder / "model"), o.key
+
+    if recipe.repair and "pruned" in models:
+        rcfg = recipe.repair.model_dump()
+
+        def do_repair(tmp: Path) -> dict[str, Any]:
+            from seftc.repair.api import repair
+
+            result = repair(models["pruned"], output=tmp / "model", progress=progress, **rcfg)
+            return {"manifest": _manifest_summary(tmp / "model"), "history": result.history}
+
+        o = stage("repair", rcfg, [keys["pruned"]], do_repair)
+        models["repaired"], keys["repaired"] = str(o.folder / "model"), o.key
+
+    final = "repaired" if "repaired" in models else "pruned" if "pruned" in models else "dense"
+
+    if recipe.pack and final != "dense":
+        pcfg = recipe.pack.model_dump()
+
+        def do_pack(tmp: Path) -> dict[str, Any]:
+            from seftc.formats.packing import pack_folder
+
+            result = pack_folder(models[final], tmp / "model", pcfg["format"], progress=progress)
+            return {"summary": result.summary(), "tensors": {k: vars(v) for k, v in result.tensors.items()}}
+
+        o = stage("pack", pcfg, [keys[final]], do_pack)
+        models["packed"], keys["packed"] = str(o.folder / "model"), o.key
+
+    if recipe.export:
+        ecfg = recipe.export.model_dump()
+        if _available("seftc.export.onnx") and _available("onnxruntime"):
+            def do_export(tmp: Path) -> dict[str, Any]:
+                from seftc.export.onnx import export_onnx
+
+                result = export_onnx(models[final], tmp / "onnx", sparse_initializers=ecfg["sparse_initializers"])
+                return {"summary": _plain(result)}
+
+            stage("export", ecfg, [keys[final]], do_export)
+        else:
+            log("export: skipped (install the [onnx] extra for ONNX export)")
+
+    if recipe.bench and final != "dense":
+        bcfg = recipe.bench.model_dump()
+        if _available("seftc.runtime.bench"):
+            def do_bench(tmp: Path) -> dict[str, Any]:
+                from seftc.runtime.bench import bench_model
+
+                batches = [int(b) for b in str(bcfg["batch"]).split(",") if b]
+                return {"summary": _plain(bench_model(models[final], device=bcfg["device"], batches=batches, repeats=bcfg["repeats"]))}
+
+            stage("bench", bcfg, [keys[final]], do_bench)
+        else:
+            log("bench: skipped (the sparse runtime is not available in this build)")
+
+    if recipe.eval:
+        ecfg = recipe.eval.model_dump()
+        for variant in ("dense", "pruned", "repaired"):
+            if variant not in models:
+                continue
+
+            def do_eval(tmp: Path, variant=variant) -> dict[str, Any]:
+                return evaluate_variant(models[variant], ecfg, progress)
+
+            stage(f"eval-{variant}", ecfg, [keys[variant]], do_eval)
+
+    from seftc.compress.report import write_report
+
+    report = write_report(run, recipe, models, outcomes)
+    return CompressResult(run, report, outcomes)
+
+
+def evaluate_variant(spec: str, cfg: dict[str, Any], progress: ProgressSink) -> dict[str, Any]:
+    from seftc.eval.multiple_choice import evaluate_tasks
+    from seftc.eval.perplexity import perplexity
+    from seftc.models.loading import load_model
+
+    loaded = load_model(spec)
+    out: dict[str, Any] = {"ppl": None, "tasks": {}}
+    if cfg.get("ppl"):
+        r = perplexity(loaded.model, loaded.tokenizer, cfg["ppl"], seqlen=cfg["seqlen"], limit=cfg.get("ppl_limit"), progress=progress)
+        out["ppl"] = r.ppl
+        out["ppl_protocol"] = {"source": r.source, "seqlen": r.seqlen, "stride": r.stride, "windows": r.windows, "tokens": r.tokens}
+    if cfg.get("tasks"):
+        tasks = [t for t in cfg["tasks"].split(",") if t]
+        res = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, limit=cfg.get("limit"), progress=progress)
+        out["tasks"] = {k: {"acc": v.acc, "acc_stderr": v.acc_stderr, "n": v.n} for k, v in res.items()}
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "summary") and callable(obj.summary):
+        return obj.summary()
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return json.loads(json.dumps(asdict(obj), default=str))
+    return obj
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,182 @@
+"""Recipes: YAML files whose top-level keys are the stages of `seftc compress`.
+
+Each stage maps to a typed config whose keys are that command's long options in snake_case; a
+stage set to `false` is skipped; unknown keys at any level are errors naming the key's path
+(`prune.sparsityy`). CLI `--set stage.key=value` overrides a recipe key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from seftc.errors import SeftcError
+
+STAGES = ("model", "prune", "repair", "pack", "export", "bench", "eval")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelStage(_Strict):
+    path: str = "default"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+class PruneStage(_Strict):
+    method: str = "wanda"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    calib: str = "shakespeare:calib"
+    nsamples: int = Field(64, ge=1)
+    seqlen: int = Field(256, ge=8)
+    seed: int = 0
+    include: list[str] = ["*"]
+    ignore: list[str] | None = None
+    owl: bool = False
+
+
+class RepairStage(_Strict):
+    method: str = "seft"
+    data: str = "shakespeare:train"
+    eval_data: str = "shakespeare:valid"
+    steps: int = Field(60, ge=1)
+    seqlen: int = Field(256, ge=8)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float | None = None
+    seed: int = 0
+    density: float = 0.02
+    update_interval: int = 20
+    accumulation: int = 5
+    zeta0: float = 0.2
+    protect: int = 2
+    init: str = "random"
+    lora_r: int = 8
+    eval_every: int = 10
+    grad_checkpointing: bool = False
+
+
+class PackStage(_Strict):
+    format: str = "auto"
+
+
+class ExportStage(_Strict):
+    onnx: bool = True
+    sparse_initializers: bool = True
+
+
+class BenchStage(_Strict):
+    device: str = "cpu"
+    batch: str = "1,4"
+    repeats: int = Field(5, ge=1)
+
+
+class EvalStage(_Strict):
+    ppl: str | None = "shakespeare:test"
+    tasks: str | None = "piqa,arc_easy,hellaswag"
+    limit: int | None = Field(200, ge=1)
+    ppl_limit: int | None = Field(16, ge=1)
+    seqlen: int = Field(512, ge=8)
+
+
+STAGE_TYPES: dict[str, type[_Strict]] = {
+    "model": ModelStage, "prune": PruneStage, "repair": RepairStage, "pack": PackStage,
+    "export": ExportStage, "bench": BenchStage, "eval": EvalStage,
+}
+
+
+class Recipe(BaseModel):
+    """Stage configs; a stage that is None is skipped (`false` in YAML)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelStage = ModelStage()
+    prune: PruneStage | None = PruneStage()
+    repair: RepairStage | None = RepairStage()
+    pack: PackStage | None = PackStage()
+    export: ExportStage | None = ExportStage()
+    bench: BenchStage | None = BenchStage()
+    eval: EvalStage | None = EvalStage()
+
+
+def _validate_stage(name: str, value: Any) -> BaseModel | None:
+    if value is False or value is None:
+        if name == "model":
+            raise SeftcError("model: cannot be skipped; give a path or leave it out for the default model")
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise SeftcError(f"{name}: expected a mapping of options or false, got {type(value).__name__}")
+    try:
+        return STAGE_TYPES[name](**value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        path = ".".join([name, *map(str, err["loc"])])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise SeftcError(f"recipe key {path}: {msg}") from None
+
+
+def recipe_from_dict(raw: dict[str, Any] | None) -> Recipe:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise SeftcError("a recipe must be a YAML mapping of stages (model, prune, repair, pack, export, bench, eval)")
+    unknown = [k for k in raw if k not in STAGES]
+    if unknown:
+        raise SeftcError(f"recipe key {unknown[0]}: unknown stage; stages are {', '.join(STAGES)}")
+    defaults = Recipe()
+    stages = {name: getattr(defaults, name) for name in STAGES}
+    for name, value in raw.items():
+        stages[name] = _validate_stage(name, value)
+    return Recipe.model_construct(**stages)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise SeftcError(f"--set {text!r}: expected stage.key=value, e.g. --set prune.sparsity=0.7")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if not 1 <= len(path) <= 2 or not all(path):
+        raise SeftcError(f"--set {text!r}: expected stage.key=value or stage=false")
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return path, value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), model: str | None = None) -> Recipe:
+    """Read a YAML recipe (or the defaults), apply `--set` overrides and MODEL; validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SeftcError(f"recipe {path} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise SeftcError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise SeftcError(f"recipe {path} must be a mapping of stages")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        if len(keys) == 1:
+            raw[keys[0]] = value
+        else:
+            stage = raw.get(keys[0])
+            if stage in (None, True):
+                stage = {}
+            if stage is False:
+                raise SeftcError(f"--set {text}: stage {keys[0]} is disabled in the recipe")
+            raw[keys[0]] = {**stage, keys[1]: value}
+    if model is not None:
+        raw["model"] = {**(raw.get("model") or {}), "path": model}
+    return recipe_from_dict(raw)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return {name: (False if getattr(recipe, name) is None else getattr(recipe, name).model_dump()) for name in STAGES}
