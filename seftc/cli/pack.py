@@ -1,0 +1,55 @@
+"""`seftc pack MODEL -o OUT` and `seftc unpack PACKED -o OUT`."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from seftc.cli.common import print_json, progress_bars, stderr, user_errors
+
+FORMATS = ["auto", "2:4", "bitmask", "csr", "rice", "ct-sparse-bitmask", "ct-sparse-24-bitmask"]
+
+
+@click.command("pack")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (config + packed safetensors + seftc_pack.json).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
+              help="auto: the smallest valid format per tensor; ct-*: compressed-tensors' layouts, loadable by its tools.")
+@click.option("--exact-zeros", is_flag=True, help="Keep -0.0 weights as stored values (bit-exact; costs space).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object on stdout.")
+@user_errors
+def pack(model: str, output: str, fmt: str, exact_zeros: bool, force: bool, as_json: bool) -> None:
+    """Store MODEL's sparse weights in compact formats (dense tensors stay dense)."""
+    from seftc.formats.packing import pack_folder
+
+    with progress_bars(sys.stderr.isatty() and not as_json) as bars:
+        result = pack_folder(model, output, fmt, force=force, exact_zeros=exact_zeros, progress=bars)
+    for w in result.warnings:
+        stderr.print(f"[yellow]note:[/yellow] {w}")
+    s = result.summary()
+    if as_json:
+        print_json(s)
+    else:
+        formats = ", ".join(f"{n} {f}" for f, n in sorted(s["formats"].items()))
+        ratio = f"{s['ratio']:.3f}" if s["ratio"] is not None else "n/a"
+        stderr.print(f"[green]packed[/green] {s['tensors']} tensors ({formats}): {s['file_bytes']:,} bytes on disk, "
+                     f"{ratio} of dense, in {s['elapsed_s']:.1f} s → {result.output}")
+
+
+@click.command("unpack")
+@click.argument("packed")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder: a dense Hugging Face model folder.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object on stdout.")
+@user_errors
+def unpack(packed: str, output: str, force: bool, as_json: bool) -> None:
+    """Decode a packed folder (seftc or compressed-tensors sparse) back to dense weights."""
+    from seftc.formats.packing import unpack_folder
+
+    with progress_bars(sys.stderr.isatty() and not as_json) as bars:
+        result = unpack_folder(packed, output, force=force, progress=bars)
+    if as_json:
+        print_json(result.summary())
+    else:
+        stderr.print(f"[green]unpacked[/green] {result.tensors} tensors ({result.file_bytes:,} bytes) in {result.elapsed_s:.1f} s → {result.output}")

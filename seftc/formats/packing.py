@@ -1,0 +1,336 @@
+"""Pack a model folder into compact sparse formats and unpack it back, tensor by tensor.
+
+`pack_folder` reads each safetensors tensor on its own (memory: one tensor, never the model
+twice), stores each 2-D float `*.weight` that has zeros in the chosen format (or the smallest
+one, `auto`), everything else dense, and writes the output folder atomically. `unpack_folder`
+reverses it into a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from seftc.errors import FormatError, SeftcError
+from seftc.formats.base import ST_DTYPES, VALUE_DTYPES, Analysis, PackedTensor, np_bits, st_name, values_tensor
+from seftc.formats.ct import ct_format, sparsity_config
+from seftc.formats.io import PackedReader, PackedWriter
+from seftc.formats.registry import CHOICES, CT_LAYOUT, choose, get_codec
+from seftc.progress import NO_PROGRESS, ProgressSink
+
+PACK_MANIFEST = "seftc_pack.json"
+PACK_VERSION = 1
+SEFTC_FILE = "packed.safetensors"  # not model.safetensors: plain transformers must not half-load it
+CT_FILE = "model.safetensors"
+DENSE_FILE = "model.safetensors"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+
+
+@dataclass
+class TensorRecord:
+    format: str
+    shape: list[int]
+    dtype: str
+    nonzero: int
+    bytes: int
+    dense_bytes: int
+    negative_zeros: int = 0
+
+
+@dataclass
+class PackResult:
+    output: Path
+    layout: str  # "seftc" | "compressed-tensors"
+    format: str  # what was asked: auto or a format name
+    files: list[str]
+    tensors: dict[str, TensorRecord]
+    file_bytes: int
+    elapsed_s: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.tensors.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.dense_bytes for r in self.tensors.values())
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "seftc_pack": PACK_VERSION,
+            "layout": self.layout,
+            "format": self.format,
+            "files": self.files,
+            "bytes": self.bytes,
+            "dense_bytes": self.dense_bytes,
+            "tensors": {n: asdict(r) for n, r in self.tensors.items()},
+        }
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for r in self.tensors.values():
+            counts[r.format] = counts.get(r.format, 0) + 1
+        return {
+            "output": str(self.output), "layout": self.layout, "format": self.format, "formats": counts,
+            "tensors": len(self.tensors), "bytes": self.bytes, "dense_bytes": self.dense_bytes, "file_bytes": self.file_bytes,
+            "ratio": round(self.bytes / self.dense_bytes, 6) if self.dense_bytes else None, "elapsed_s": round(self.elapsed_s, 3),
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class UnpackResult:
+    output: Path
+    tensors: int
+    file_bytes: int
+    elapsed_s: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"output": str(self.output), "tensors": self.tensors, "file_bytes": self.file_bytes, "elapsed_s": round(self.elapsed_s, 3)}
+
+
+def is_candidate(name: str, t: torch.Tensor) -> bool:
+    """Whether pack considers storing `t` sparse: a 2-D float weight with at least one zero."""
+    return name.endswith(".weight") and t.dim() == 2 and t.dtype in VALUE_DTYPES and t.numel() > 0
+
+
+def clear_negative_zeros(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`t` with every -0.0 made +0.0 (numerically the same), and how many there were."""
+    bits = np_bits(t)
+    neg = bits == bits.dtype.type(1 << (8 * bits.itemsize - 1))
+    n = int(np.count_nonzero(neg))
+    if n == 0:
+        return t, 0
+    return values_tensor(np.where(neg, bits.dtype.type(0), bits), t.dtype), n
+
+
+def pack_tensor(name: str, t: torch.Tensor, fmt: str = "auto", exact_zeros: bool = False,
+                only_if_smaller: bool = True) -> tuple[PackedTensor, TensorRecord]:
+    """Choose a format for one tensor and pack it: dense when it is not a candidate or has no
+    zeros, and (unless `only_if_smaller` is False) when no format is smaller than dense."""
+    negative = 0
+    if is_candidate(name, t):
+        if not exact_zeros:
+            t, negative = clear_negative_zeros(t)
+        a = Analysis(t)
+        if a.nnz == a.numel:
+            chosen = "dense"
+        elif not only_if_smaller and fmt != "auto" and get_codec(fmt).nbytes(a) is not None:
+            chosen = fmt
+        else:
+            chosen = choose(a, fmt, name)
+        packed = get_codec(chosen).encode(a)
+        nonzero = a.nnz
+    else:
+        packed = get_codec("dense").wrap(t)  # type: ignore[attr-defined]
+        nonzero = int(torch.count_nonzero(t)) if t.is_floating_point() else t.numel()
+    rec = TensorRecord(packed.format, list(packed.shape), st_name(packed.dtype), nonzero, packed.nbytes, packed.dense_bytes, negative)
+    return packed, rec
+
+
+def weight_files(folder: Path, single: Path | None = None) -> list[Path]:
+    if single is not None:
+        return [single]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SeftcError(f"{folder} holds no *.safetensors weights")
+    return files
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `files`, one at a time."""
+    from safetensors import safe_open
+
+    seen: set[str] = set()
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt")
+            keys = list(handle.keys())
+        except Exception as e:
+            raise SeftcError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
+        for key in keys:
+            if key in seen:
+                raise SeftcError(f"tensor {key!r} appears in more than one weight file of {path.parent}")
+            seen.add(key)
+            yield key, handle.get_tensor(key)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SeftcError(f"{folder} has no config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SeftcError(f"{path} is not readable JSON ({e.__class__.__name__})") from None
+    if not isinstance(config, dict):
+        raise SeftcError(f"{path} is not a JSON object")
+    return config
+
+
+def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy config-like files (tokenizer, generation config, manifests), not weights."""
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name in skip:
+            continue
+        if f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".safetensors.index.json"):
+            continue
+        shutil.copy2(f, dst / f.name)
+
+
+def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = "auto", *, force: bool = False,
+                exact_zeros: bool = False, only_if_smaller: bool = True, progress: ProgressSink = NO_PROGRESS) -> PackResult:
+    """Pack MODEL (a folder, a .safetensors beside its config.json, or `default`) into OUTPUT.
+
+    `fmt` is `auto` or a format name (see `registry.CHOICES`); a named format is used for every
+    candidate tensor it can hold and, with `only_if_smaller`, where it is smaller than dense."""
+    from seftc.models.loading import resolve_model
+    from seftc.models.saving import atomic_folder, check_output
+
+    if fmt not in CHOICES:
+        raise SeftcError(f"unknown format {fmt!r}; choose one of {', '.join(CHOICES)}")
+    ref = resolve_model(model)
+    if ref.kind == "gguf":
+        raise SeftcError("pack reads safetensors weights; load the .gguf and save it as a model folder first")
+    folder = ref.folder
+    files = weight_files(folder, ref.path if ref.kind == "safetensors" else None)
+    config = _read_config(folder)
+    if config.get("quantization_config") or config.get("compression_config"):
+        raise SeftcError(f"{folder} is already compressed or quantized (config.json has a quantization_config); unpack it first")
+    out = check_output(output, force, inputs=(folder,))
+    ct = fmt in CT_LAYOUT
+    name = CT_FILE if ct else SEFTC_FILE
+    start = time.perf_counter()
+    records: dict[str, TensorRecord] = {}
+    total = _count_tensors(files)
+    advance = progress.task(f"packing ({fmt})", total)
+    with atomic_folder(out) as tmp:
+        with PackedWriter(tmp / name) as writer:
+            for key, tensor in iter_tensors(files):
+                packed, rec = pack_tensor(key, tensor, fmt, exact_zeros, only_if_smaller)
+                writer.add(key, packed)
+                records[key] = rec
+                del tensor, packed
+                advance(1)
+        warnings = _check_result(records, fmt)
+        if ct:
+            targets = [n[: -len(".weight")] for n, r in records.items() if r.format == fmt]
+            elems = sum(r.dense_bytes // _itemsize(r.dtype) for r in records.values() if r.format == fmt)
+            nonzero = sum(r.nonzero for r in records.values() if r.format == fmt)
+            config["quantization_config"] = sparsity_config(fmt, targets, 1 - nonzero / elems if elems else 0.0)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copy2(folder / "config.json", tmp / "config.json")
+        _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST})
+        result = PackResult(out, "compressed-tensors" if ct else "seftc", fmt, [name], records,
+                            (tmp / name).stat().st_size, time.perf_counter() - start, warnings)
+        (tmp / PACK_MANIFEST).write_text(json.dumps(result.manifest(), indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _count_tensors(files: list[Path]) -> int | None:
+    from safetensors import safe_open
+
+    try:
+        return sum(len(safe_open(str(f), framework="pt").keys()) for f in files)
+    except Exception:
+        return None
+
+
+def _itemsize(st: str) -> int:
+    return ST_DTYPES[st].itemsize
+
+
+def _check_result(records: dict[str, TensorRecord], fmt: str) -> list[str]:
+    sparse = [r for r in records.values() if r.nonzero < r.dense_bytes // _itemsize(r.dtype) and r.shape and len(r.shape) == 2]
+    packed = [r for r in records.values() if r.format not in ("dense",)]
+    if fmt != "auto" and sparse and not packed:
+        need = " (it needs at most 2 non-zeros in every aligned group of 4 columns)" if "24" in fmt or fmt == "2:4" else ""
+        raise SeftcError(f"no tensor of this model is smaller in format {fmt!r} than dense{need}; use --format auto")
+    warnings = []
+    negative = sum(r.negative_zeros for r in records.values())
+    if negative:
+        warnings.append(f"{negative} weights were -0.0 and are stored as +0.0 (numerically equal); pass --exact-zeros to keep their sign bits")
+    return warnings
+
+
+def packed_files(folder: Path) -> tuple[list[Path], str | None, dict[str, Any] | None]:
+    """The weight files of a packed folder, the legacy format to read them with (None for
+    seftc files), and its seftc_pack.json (None for foreign compressed-tensors folders)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(f"{folder} is not a folder")
+    manifest_path = folder / PACK_MANIFEST
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            files = manifest["files"]
+            layout = manifest["layout"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise FormatError(f"{manifest_path} is not a valid pack manifest") from None
+        if not isinstance(files, list) or not all(isinstance(f, str) and f and "/" not in f and "\\" not in f and f not in (".", "..") for f in files):
+            raise FormatError(f"{manifest_path}: 'files' must list file names inside the folder")
+        if layout not in ("seftc", "compressed-tensors"):
+            raise FormatError(f"{manifest_path}: unknown layout {layout!r}")
+        paths = [folder / f for f in files]
+        for p in paths:
+            if not p.is_file():
+                raise FormatError(f"{folder}: packed file {p.name} named in {PACK_MANIFEST} is missing")
+        return paths, None, manifest
+    config = _read_config(folder) if (folder / "config.json").is_file() else {}
+    legacy = ct_format(config)
+    if legacy is None:
+        raise FormatError(f"{folder} is not a packed model: no {PACK_MANIFEST} and no compressed-tensors sparsity_config in config.json")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FormatError(f"{folder} holds no *.safetensors files")
+    return files, legacy, None
+
+
+def iter_packed(folder: Path) -> Iterator[tuple[PackedReader, str]]:
+    """(reader, tensor name) for every stored tensor of a packed folder, file by file."""
+    files, legacy, _ = packed_files(folder)
+    seen: set[str] = set()
+    for path in files:
+        with PackedReader(path, legacy) as reader:
+            for name in reader.names():
+                if name in seen:
+                    raise FormatError(f"{folder}: tensor {name!r} is stored twice")
+                seen.add(name)
+                yield reader, name
+
+
+def unpack_folder(packed: str | os.PathLike, output: str | os.PathLike, *, force: bool = False,
+                  progress: ProgressSink = NO_PROGRESS) -> UnpackResult:
+    """Decode a packed folder (seftc's, or a compressed-tensors sparse one) into a dense HF folder."""
+    from seftc.models.saving import atomic_folder, check_output
+
+    folder = Path(packed).expanduser()
+    files, legacy, _ = packed_files(folder)
+    out = check_output(output, force, inputs=(folder,))
+    config = _read_config(folder)
+    ct = any(config.pop(k, None) is not None for k in ("quantization_config", "compression_config"))
+    start = time.perf_counter()
+    count = 0
+    advance = progress.task("unpacking", None)
+    with atomic_folder(out) as tmp:
+        with PackedWriter(tmp / DENSE_FILE) as writer:
+            for reader, name in iter_packed(folder):
+                writer.add(name, reader.read_dense(name))
+                count += 1
+                advance(1)
+        if ct:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copy2(folder / "config.json", tmp / "config.json")
+        _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST, *(f.name for f in files)})
+        size = (tmp / DENSE_FILE).stat().st_size
+    return UnpackResult(out, count, size, time.perf_counter() - start)

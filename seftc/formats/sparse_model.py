@@ -1,0 +1,112 @@
+"""`load_sparse(path)`: a packed folder as a transformers model whose Linear layers keep their
+compact tensors (`PackedLinear`), or plain dense weights with `dense=True`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seftc.errors import FormatError
+from seftc.formats.base import PackedTensor
+
+
+class PackedLinear(nn.Module):
+    """A Linear layer whose weight is held packed. `forward` decodes it with the reference
+    decoder on the components' device; the runtime's kernels replace that path."""
+
+    def __init__(self, packed: PackedTensor, bias: nn.Parameter | None = None, name: str = ""):
+        super().__init__()
+        if len(packed.shape) != 2:
+            raise FormatError(f"tensor {name!r}: a packed Linear weight must be 2-D, not {list(packed.shape)}")
+        self.out_features, self.in_features = packed.shape
+        self.format = packed.format
+        self.weight_dtype = packed.dtype
+        self.params = dict(packed.params)
+        self.name = name
+        self.component_names = tuple(packed.components)
+        for comp, t in packed.components.items():
+            self.register_buffer(f"packed_{comp}", t)
+        self.bias = bias
+
+    @property
+    def packed(self) -> PackedTensor:
+        comps = {c: getattr(self, f"packed_{c}") for c in self.component_names}
+        return PackedTensor(self.format, (self.out_features, self.in_features), self.weight_dtype, comps, dict(self.params))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.packed.to_dense(self.name)
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads `.weight` (dtype, device, shape)
+        return self.dense_weight()
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dense_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.bias is not None}"
+
+
+def load_sparse(path: str | os.PathLike, dense: bool = False, *, validate: bool = True) -> Any:
+    """Load a packed folder (from `seftc pack`, or a compressed-tensors sparse folder).
+
+    dense=False: every packed Linear weight becomes a PackedLinear holding its component tensors
+    (checksums verified; with `validate` each is decoded once to check its structure).
+    dense=True: every weight is decoded into a plain model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from seftc.formats.packing import iter_packed
+
+    folder = Path(path).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{folder}: cannot read config.json ({str(e).splitlines()[0][:200]})") from None
+    for attr in ("quantization_config", "compression_config"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+
+    state: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedTensor] = {}
+    for reader, name in iter_packed(folder):
+        if dense or reader.entries[name].format == "dense":
+            state[name] = reader.read_dense(name)
+        else:
+            p = reader.read(name)
+            if validate:
+                p.to_dense(name)
+            packed[name] = p
+
+    expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    unknown = sorted(set(state) - expected) + sorted(set(packed) - expected)
+    if unknown:
+        raise FormatError(f"{folder}: tensor {unknown[0]!r} has no place in a {config.model_type} model")
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, p in packed.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr == "weight" and isinstance(module, nn.Linear) and tuple(p.shape) == (module.out_features, module.in_features):
+            if module.bias is not None and module.bias.is_meta:
+                raise FormatError(f"{folder}: the packed files lack {module_name + '.bias'!r}")
+            bias = module.bias
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, PackedLinear(p, bias, name))
+        else:
+            setattr(module, attr, nn.Parameter(p.to_dense(name), requires_grad=False))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise FormatError(f"{folder}: the packed files lack {len(missing)} tensors of this model (e.g. {missing[0]!r})")
+    model.eval()
+    return model
