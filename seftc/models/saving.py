@@ -38,6 +38,9 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out`, on failure it is removed."""
     out = Path(out).expanduser()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model folder should get the usual mode
     try:
         yield tmp
         if out.exists():

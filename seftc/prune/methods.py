@@ -14,6 +14,12 @@ from seftc.prune.sparsegpt import sparsegpt_prune
 from seftc.prune.wanda import wanda_mask
 
 
+def _apply(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero the pruned weights with +0.0 (`weight * keep` would leave -0.0 behind, which a
+    bit-exact sparse format has to store as a value)."""
+    return torch.where(keep, weight, torch.zeros_like(weight))
+
+
 @dataclass
 class MethodOptions:
     blocksize: int = 128
@@ -46,7 +52,7 @@ class MagnitudePruner:
 
     def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
         keep = magnitude_mask(weight, sparsity, pattern)
-        return weight * keep, keep
+        return _apply(weight, keep), keep
 
 
 class WandaPruner:
@@ -64,7 +70,7 @@ class WandaPruner:
 
     def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
         keep = wanda_mask(weight, self.sq_norm.to(weight.device), sparsity, pattern)
-        return weight * keep, keep
+        return _apply(weight, keep), keep
 
 
 class SparseGPTPruner:

@@ -52,11 +52,11 @@ def lr_at(step: int, cfg: RepairConfig) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _pruned_state(loaded: LoadedModel) -> tuple[Manifest, list, dict[str, torch.Tensor]]:
+def _pruned_state(loaded: LoadedModel, allow_dense: bool = False) -> tuple[Manifest, list, dict[str, torch.Tensor]]:
     manifest = Manifest.load(loaded.ref.folder) if loaded.ref.kind in ("folder", "safetensors") else None
     if manifest is None:
         raise SeftcError(f"{loaded.ref.spec} has no seftc_manifest.json; repair needs a model written by `seftc prune`")
-    if not manifest.layers or manifest.sparsity <= 0:
+    if not manifest.layers or (manifest.sparsity <= 0 and not allow_dense):
         raise SeftcError(f"{loaded.ref.spec} has no sparsity to keep (manifest sparsity {manifest.sparsity}); prune it first")
     names = {rec.name for rec in manifest.layers}
     targets = [t for t in find_targets(loaded.model, ["*"], []) if t.name in names]
@@ -117,9 +117,13 @@ def repair(
     checkpoint_dir: str | os.PathLike | None = None,
     progress: ProgressSink = NO_PROGRESS,
     stop_after: int | None = None,
+    allow_dense: bool = False,
     **overrides: Any,
 ) -> RepairResult:
-    """Repair a pruned model (a folder written by `seftc prune`) and save it to `output`."""
+    """Repair a pruned model (a folder written by `seftc prune`) and save it to `output`.
+
+    `allow_dense=True` accepts a 0%-sparsity manifest: the benchmark's reference row (the dense
+    model trained with the same data and budget, to tell repair from domain adaptation)."""
     cfg = make_repair_config(**{**(config.model_dump() if config else {}), **overrides})
     start_time = time.perf_counter()
     dist = distributed.setup()
@@ -135,7 +139,7 @@ def repair(
         raise SeftcError(f"{loaded.ref.spec} has no tokenizer; repair needs one to read its training text")
     if cfg.batch_size % (dist.world * cfg.grad_accum):
         raise SeftcError(f"batch size {cfg.batch_size} must be divisible by ranks × grad_accum = {dist.world * cfg.grad_accum}")
-    source_manifest, targets, masks = _pruned_state(loaded)
+    source_manifest, targets, masks = _pruned_state(loaded, allow_dense)
     pattern = parse_pattern(source_manifest.pattern)
     train = TokenWindows.from_source(loaded.tokenizer, cfg.data, cfg.seqlen, cfg.seed)
     held_out = TokenWindows.from_source(loaded.tokenizer, cfg.eval_data, cfg.seqlen, cfg.seed).fixed(cfg.eval_windows)
@@ -206,6 +210,7 @@ def repair(
     manifest = _manifest(loaded, source_manifest, cfg, targets_names=[t.name for t in targets], masks=masks, stats=stats,
                          history=history, seconds=seconds, dist=dist)
     ranks = dist.gather([rec.mask_sha256 for rec in manifest.layers])
+    manifest.config["trainable_params"] = sum(p.numel() for p in params)
     manifest.config["ranks"] = dist.world
     manifest.config["ranks_agree"] = all(r == ranks[0] for r in ranks)
     if not manifest.config["ranks_agree"]:

@@ -74,7 +74,8 @@ class SeftLinear(nn.Module):
     def merge(self) -> nn.Linear:
         """A plain nn.Linear holding W + δ (zero outside A)."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.weight.dtype)
-        out.weight.data.copy_(self.effective_weight() * self.active.reshape(self.out_features, self.in_features))
+        w = self.effective_weight()
+        out.weight.data.copy_(torch.where(self.active.reshape(w.shape), w, torch.zeros_like(w)))  # +0.0 outside A
         if self.bias is not None:
             out.bias.data.copy_(self.bias.data)
         return out

@@ -170,7 +170,7 @@ class StaticMethod(_TorchOptimMethod):
         super().optimizer_step(lr)
         with torch.no_grad():
             for name, module in self.modules.items():
-                module.weight.mul_(self.masks[name])
+                module.weight.masked_fill_(~self.masks[name], 0.0)
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for module in self.modules.values():
