@@ -20,7 +20,7 @@ RECIPE = {
     "repair": {"method": "seft", "data": TEXT, "eval_data": TEXT, "steps": 8, "seqlen": 32, "update_interval": 4,
                "accumulation": 2, "density": 0.05, "eval_every": 4},
     "pack": {"format": "auto"},
-    "export": False,
+    "export": {"onnx": True},
     "bench": False,
     "eval": {"ppl": TEXT, "ppl_limit": 2, "seqlen": 64, "tasks": "piqa", "limit": 4},
 }
@@ -59,6 +59,7 @@ def test_compress_every_stage_and_report_matches_saved_tensors(tiny_dir, tmp_pat
     assert set(report["quality"]) == {"dense", "pruned", "repaired"}
     assert report["size"]["packed_file_bytes"] < report["size"]["pruned_safetensors"]
     assert "| repaired | 0.6000 |" in md
+    assert report["export"]["relative_error"] < 1e-3 and (Path(report["export"]["path"]) / "model.onnx").is_file()
 
 
 def test_rerun_is_cached_and_late_change_redoes_only_late_stages(tiny_dir, tmp_path, recipe_file):

@@ -34,3 +34,21 @@ def test_prune_inspect_eval_real_model(tmp_path):
     pruned = json.loads(runner.invoke(cli, ["eval", str(out), "--ppl", "shakespeare:test", "--limit", "4", "--json"]).stdout)
     assert 10 < dense["ppl"] < 100
     assert dense["ppl"] < pruned["ppl"] < 20 * dense["ppl"]
+
+
+def test_seft_repair_real_model_keeps_exact_sparsity(tmp_path):
+    from safetensors.torch import load_file
+
+    from seftc.prune.api import prune
+    from seftc.repair.api import repair
+
+    pruned = tmp_path / "w50"
+    prune("default", method="wanda", sparsity=0.5, calib={"nsamples": 4, "seqlen": 128}, output=pruned)
+    out = tmp_path / "seft"
+    r = repair(str(pruned), method="seft", steps=4, batch_size=2, seqlen=128, update_interval=2, accumulation=1,
+               eval_every=2, eval_windows=2, output=out)
+    before, after = load_file(pruned / "model.safetensors"), load_file(out / "model.safetensors")
+    for rec in r.manifest.layers:
+        key = rec.name + ".weight"
+        assert int(torch.count_nonzero(before[key])) == int(torch.count_nonzero(after[key]))
+    assert sum(s["regrown"] for s in r.manifest.layer_stats.values()) > 0

@@ -198,8 +198,9 @@ def evaluate_variant(spec: str, cfg: dict[str, Any], progress: ProgressSink) -> 
 
 
 def _plain(obj: Any) -> Any:
-    if hasattr(obj, "summary") and callable(obj.summary):
-        return obj.summary()
+    for method in ("to_dict", "summary"):
+        if callable(getattr(obj, method, None)):
+            return getattr(obj, method)()
     if hasattr(obj, "__dataclass_fields__"):
         from dataclasses import asdict
 

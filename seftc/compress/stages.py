@@ -57,5 +57,8 @@ def run_stage(run_dir: Path, name: str, config: Any, inputs: list[str], work: Ca
     with atomic_folder(folder) as tmp:
         result = work(tmp)
         result = {**result, "stage": name, "key": key, "config": config, "inputs": inputs, "seconds": time.perf_counter() - start}
-        (tmp / RESULT).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        text = json.dumps(result, indent=2, default=str) + "\n"
+        text = text.replace(json.dumps(str(tmp))[1:-1], json.dumps(str(folder))[1:-1])  # paths as they will be after the rename
+        (tmp / RESULT).write_text(text)
+        result = json.loads(text)
     return StageOutcome(name, key, folder, result, False, time.perf_counter() - start)
