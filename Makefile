@@ -37,5 +37,12 @@ bench-repair: install
 bench-formats: install
 	$(BIN)/python bench/bench_formats.py
 
+bench-runtime: install
+	$(BIN)/python bench/bench_runtime.py
+
+# Compile the CUDA sources with the machine's nvcc for sm_80 and sm_90 (no GPU needed).
+cuda-check:
+	$(MAKE) -C kernels/cuda check
+
 clean:
 	rm -rf runs build *.egg-info

@@ -10,21 +10,26 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# `prune`, `repair` and `compress` are subpackages that are also callable (see seftc/_callable.py).
-_CALLABLE_PACKAGES = ("prune", "repair", "compress")
+# `prune`, `repair`, `compress` and `export` are subpackages that are also callable (see
+# seftc/_callable.py); the rest load their module on first use.
+_CALLABLE_PACKAGES = ("prune", "repair", "compress", "export")
 
 _API = {
-    "load_model": "seftc.models.loading",
-    "resolve_model": "seftc.models.loading",
-    "PruneConfig": "seftc.prune.config",
-    "CalibConfig": "seftc.data.calibration",
-    "perplexity": "seftc.eval.perplexity",
-    "evaluate_tasks": "seftc.eval.multiple_choice",
-    "inspect_model": "seftc.inspect",
-    "RepairConfig": "seftc.repair.config",
-    "load_sparse": "seftc.formats.sparse_model",
-    "SeftcError": "seftc.errors",
-    "FormatError": "seftc.errors",
+    "load_model": "seftc.models.loading:load_model",
+    "resolve_model": "seftc.models.loading:resolve_model",
+    "PruneConfig": "seftc.prune.config:PruneConfig",
+    "CalibConfig": "seftc.data.calibration:CalibConfig",
+    "RepairConfig": "seftc.repair.config:RepairConfig",
+    "perplexity": "seftc.eval.perplexity:perplexity",
+    "evaluate_tasks": "seftc.eval.multiple_choice:evaluate_tasks",
+    "inspect_model": "seftc.inspect:inspect_model",
+    "pack": "seftc.formats.packing:pack_folder",
+    "unpack": "seftc.formats.packing:unpack_folder",
+    "load_sparse": "seftc.formats.sparse_model:load_sparse",
+    "bench": "seftc.runtime.bench:bench_model",
+    "generate": "seftc.runtime.generate:generate",
+    "SeftcError": "seftc.errors:SeftcError",
+    "FormatError": "seftc.errors:FormatError",
 }
 
 __all__ = sorted([*_API, *_CALLABLE_PACKAGES]) + ["__version__"]
@@ -33,7 +38,8 @@ __all__ = sorted([*_API, *_CALLABLE_PACKAGES]) + ["__version__"]
 def __getattr__(name: str) -> Any:
     if name in _CALLABLE_PACKAGES:
         return importlib.import_module(f"seftc.{name}")
-    module = _API.get(name)
-    if module is None:
+    target = _API.get(name)
+    if target is None:
         raise AttributeError(f"module 'seftc' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)

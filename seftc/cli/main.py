@@ -16,6 +16,8 @@ COMMANDS = {
     "pack": "seftc.cli.pack:pack",
     "compress": "seftc.cli.compress:compress",
     "export": "seftc.cli.export:export",
+    "bench": "seftc.cli.bench:bench",
+    "generate": "seftc.cli.generate:generate",
     "unpack": "seftc.cli.pack:unpack",
 }
 

@@ -156,7 +156,8 @@ def compress(
                 from seftc.runtime.bench import bench_model
 
                 batches = [int(b) for b in str(bcfg["batch"]).split(",") if b]
-                return {"summary": _plain(bench_model(models[final], device=bcfg["device"], batches=batches, repeats=bcfg["repeats"]))}
+                result = bench_model(models[final], device=bcfg["device"], batches=batches, repeats=bcfg["repeats"])
+                return {"summary": _plain(result)}
 
             stage("bench", bcfg, [keys[final]], do_bench)
         else:
@@ -198,7 +199,7 @@ def evaluate_variant(spec: str, cfg: dict[str, Any], progress: ProgressSink) -> 
 
 
 def _plain(obj: Any) -> Any:
-    for method in ("to_dict", "summary"):
+    for method in ("to_dict", "to_json", "summary"):
         if callable(getattr(obj, method, None)):
             return getattr(obj, method)()
     if hasattr(obj, "__dataclass_fields__"):

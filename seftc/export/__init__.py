@@ -1,4 +1,5 @@
-"""`seftc.export`: deployable artefacts from a (sparse) causal LM."""
-from seftc.export.onnx import ExportResult, OnnxCausalLM, export_onnx
+"""Deployable artefacts from a (sparse) causal LM; `seftc.export(...)` calls
+`seftc.export.onnx.export_onnx`."""
+from seftc._callable import make_callable
 
-__all__ = ["ExportResult", "OnnxCausalLM", "export_onnx"]
+make_callable(__name__, "seftc.export.onnx:export_onnx")

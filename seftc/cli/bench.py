@@ -1,0 +1,147 @@
+"""`seftc bench MODEL`: dense vs sparse runtime, same model, same device, one run."""
+from __future__ import annotations
+
+import click
+
+from seftc.cli.common import print_json, stderr, stdout, user_errors
+from seftc.errors import SeftcError
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SeftcError(f"--batch {text!r}: give comma-separated positive integers, e.g. 1,4,16") from None
+    if not values or any(v < 1 for v in values):
+        raise SeftcError(f"--batch {text!r}: give comma-separated positive integers, e.g. 1,4,16")
+    return values
+
+
+@click.command("bench")
+@click.argument("model")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", "batch", default="1,4,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Dtype of the sparse values and of the dense baseline.")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=64, show_default=True, help="Prompt length N for prefill.")
+@click.option("--new-tokens", type=click.IntRange(1), default=16, show_default=True, help="Generated tokens M timed per decode repeat.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True)
+@click.option("--layers", "max_layers", type=click.IntRange(0), default=7, show_default=True,
+              help="Time the kernels of the first N sparse layers alone (0: skip; see --all-layers).")
+@click.option("--all-layers", is_flag=True, help="Time every sparse layer's kernel.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: torch's).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of the speedups.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@user_errors
+def bench(model: str, device: str, batch: str, dtype: str, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int,
+          max_layers: int, all_layers: bool, threads: int | None, plot: str | None, as_json: bool) -> None:
+    """Time MODEL (a pruned or packed folder) dense and on the sparse runtime: per-layer kernels,
+    prefill of N tokens, decode per token, memory; speedup = dense / sparse, same run."""
+    import torch
+
+    from seftc.runtime.bench import BenchConfig, run_bench
+    from seftc.runtime.convert import load_runtime_pair
+
+    batches = _batches(batch)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SeftcError("--device cuda: no CUDA device is visible; use --device cpu")
+    pair = load_runtime_pair(model, dtype)
+    cfg = BenchConfig(batches=batches, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                      max_layers=None if all_layers else max_layers, threads=threads)
+    with stderr.status("benchmarking dense vs sparse…") if not as_json else _null():
+        result = run_bench(pair.dense, pair.sparse, cfg, device)
+    if plot:
+        write_plot(result, plot)
+    if as_json:
+        out = result.to_json()
+        out["model"] = model
+        out["source"] = pair.source
+        out["sparse_layers"] = len(pair.conversion.converted)
+        print_json(out)
+        return
+    render(result, model)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def render(result, model: str) -> None:
+    from rich.table import Table
+
+    head = f"{model} · {result.device} · {result.dtype} · {result.threads} threads · kernels: {result.backend} ({result.isa})"
+    if result.layers:
+        t = Table(title=f"per-layer kernel time (ms) — {head}")
+        for col in ("layer", "shape", "layout", "sparsity", "batch", "dense", "sparse", "speedup", "byte bound"):
+            t.add_column(col, justify="left" if col in ("layer", "layout") else "right")
+        for r in result.layers:
+            t.add_row(r.name, "×".join(map(str, r.shape)), r.kind, f"{r.sparsity:.0%}", str(r.batch),
+                      f"{r.dense.median_ms:.4f}", f"{r.sparse.median_ms:.4f}", _ratio(r.speedup), f"{r.byte_bound:.2f}×")
+        stdout.print(t)
+    if result.layers_in_model:
+        t = Table(title="per-layer time inside batch-1 decode (ms, median over layers of each kind)")
+        for col in ("module", "layers", "dense", "sparse", "speedup", "byte bound"):
+            t.add_column(col, justify="left" if col == "module" else "right")
+        for kind, rows in summarize_layers(result.layers_in_model).items():
+            t.add_row(kind, str(rows["n"]), f"{rows['dense_ms']:.4f}", f"{rows['sparse_ms']:.4f}", _ratio(rows["speedup"]), f"{rows['byte_bound']:.2f}×")
+        stdout.print(t)
+    t = Table(title=f"end to end — {head}")
+    for col in ("phase", "batch", "dense ms (min–max)", "sparse ms (min–max)", "speedup", "dense tok/s", "sparse tok/s"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    for r in result.results:
+        label = f"prefill {r.tokens} tok" if r.phase == "prefill" else "decode /token"
+        t.add_row(label, str(r.batch), f"{r.dense.median_ms:.2f} ({r.dense.min_ms:.2f}–{r.dense.max_ms:.2f})",
+                  f"{r.sparse.median_ms:.2f} ({r.sparse.min_ms:.2f}–{r.sparse.max_ms:.2f})", _ratio(r.speedup),
+                  f"{r.tokens_per_s('dense'):.1f}", f"{r.tokens_per_s('sparse'):.1f}")
+    stdout.print(t)
+    m = result.memory
+    stdout.print(f"weights in memory: dense {m['dense_model_bytes'] / 2**20:.1f} MiB, sparse {m['sparse_model_bytes'] / 2**20:.1f} MiB · "
+                 f"bytes read per decoded token: dense {m['dense_bytes_per_token'] / 2**20:.1f} MiB, sparse "
+                 f"{m['sparse_bytes_per_token'] / 2**20:.1f} MiB → byte bound {result.byte_bound:.2f}×")
+
+
+def summarize_layers(layers) -> dict[str, dict[str, float]]:
+    """Per module kind (q_proj, ..., down_proj): medians of dense and sparse time, their ratio."""
+    import statistics
+
+    groups: dict[str, list] = {}
+    for r in layers:
+        groups.setdefault(r.name.rsplit(".", 1)[-1], []).append(r)
+    out = {}
+    for kind, rows in groups.items():
+        d = statistics.median(r.dense.median_ms for r in rows)
+        s = statistics.median(r.sparse.median_ms for r in rows)
+        out[kind] = {"n": len(rows), "dense_ms": d, "sparse_ms": s, "speedup": d / s if s > 0 else float("nan"),
+                     "byte_bound": statistics.median(r.byte_bound for r in rows)}
+    return out
+
+
+def _ratio(x: float) -> str:
+    color = "green" if x >= 1.0 else "red"
+    return f"[{color}]{x:.2f}×[/{color}]"
+
+
+def write_plot(result, path: str) -> None:
+    """A bar chart: speedup per phase and batch (and per layer when timed), byte bound as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.phase}\nb={r.batch}" for r in result.results]
+    values = [r.speedup for r in result.results]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 3.5))
+    ax.bar(labels, values, color=["#4c72b0" if r.phase == "prefill" else "#dd8452" for r in result.results])
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.axhline(result.byte_bound, color="green", ls="--", lw=1, label=f"byte bound {result.byte_bound:.2f}×")
+    ax.set_ylabel("speedup (dense / sparse)")
+    ax.set_title(f"sparse vs dense, {result.dtype}, {result.device}, {result.threads} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,319 @@
+"""Dense vs sparse timing of the same model in one run: per-layer kernel time, prefill latency,
+decode latency per token, memory. Returns result objects; prints nothing.
+
+Dense and sparse are timed alternately (repeat by repeat) so that a change in machine load hits
+both; every figure is the median of `repeats` samples after `warmup` untimed runs, with its
+spread (min, max).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from seftc.runtime.convert import model_nbytes, weight_bytes_per_token
+from seftc.runtime.linear import SparseLinear
+
+
+@dataclass
+class BenchConfig:
+    batches: Sequence[int] = (1, 4, 16)
+    prompt_tokens: int = 64
+    new_tokens: int = 16
+    repeats: int = 5
+    warmup: int = 2
+    layer_batches: Sequence[int] = (1,)
+    max_layers: int | None = 7  # per-layer timing for the first N sparse layers (None: all)
+    layer_iters: int = 20  # kernel calls per per-layer sample
+    layers_in_model: bool = True  # also time every sparse layer inside batch-1 decode steps
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    n: int
+
+    @classmethod
+    def of(cls, samples_s: Sequence[float]) -> "Timing":
+        ms = [s * 1e3 for s in samples_s]
+        return cls(statistics.median(ms), min(ms), max(ms), len(ms))
+
+
+@dataclass
+class PhaseResult:
+    phase: str  # "prefill" | "decode"
+    batch: int
+    tokens: int  # prompt length (prefill) or generated tokens timed (decode)
+    dense: Timing
+    sparse: Timing
+
+    @property
+    def speedup(self) -> float:
+        return self.dense.median_ms / self.sparse.median_ms if self.sparse.median_ms > 0 else float("nan")
+
+    def tokens_per_s(self, which: str) -> float:
+        t = (self.dense if which == "dense" else self.sparse).median_ms
+        per_step = self.batch if self.phase == "decode" else self.batch * self.tokens
+        return per_step / (t / 1e3) if t > 0 else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase, "batch": self.batch, "tokens": self.tokens,
+            "dense_ms": self.dense.median_ms, "sparse_ms": self.sparse.median_ms, "speedup": self.speedup,
+            "dense_spread_ms": [self.dense.min_ms, self.dense.max_ms], "sparse_spread_ms": [self.sparse.min_ms, self.sparse.max_ms],
+            "dense_tokens_per_s": self.tokens_per_s("dense"), "sparse_tokens_per_s": self.tokens_per_s("sparse"),
+            "repeats": self.dense.n,
+        }
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, int]
+    kind: str
+    sparsity: float
+    batch: int
+    dense: Timing
+    sparse: Timing
+    dense_bytes: int
+    sparse_bytes: int
+
+    @property
+    def speedup(self) -> float:
+        return self.dense.median_ms / self.sparse.median_ms if self.sparse.median_ms > 0 else float("nan")
+
+    @property
+    def byte_bound(self) -> float:
+        return self.dense_bytes / self.sparse_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "layout": self.kind, "sparsity": self.sparsity, "batch": self.batch,
+                "dense_ms": self.dense.median_ms, "sparse_ms": self.sparse.median_ms, "speedup": self.speedup,
+                "dense_spread_ms": [self.dense.min_ms, self.dense.max_ms], "sparse_spread_ms": [self.sparse.min_ms, self.sparse.max_ms],
+                "dense_bytes": self.dense_bytes, "sparse_bytes": self.sparse_bytes, "byte_bound": self.byte_bound}
+
+
+@dataclass
+class BenchResult:
+    device: str
+    dtype: str
+    threads: int
+    backend: str
+    isa: str
+    results: list[PhaseResult] = field(default_factory=list)
+    layers: list[LayerResult] = field(default_factory=list)  # each kernel alone, weights hot in cache
+    layers_in_model: list[LayerResult] = field(default_factory=list)  # timed inside batch-1 decode steps
+    memory: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def byte_bound(self) -> float:
+        """Dense over sparse weight bytes read per decoded token (LM head and embeddings included)."""
+        return self.memory["dense_bytes_per_token"] / self.memory["sparse_bytes_per_token"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "dtype": self.dtype, "threads": self.threads, "backend": self.backend, "isa": self.isa,
+                "byte_bound": self.byte_bound, "memory": self.memory, "config": self.config,
+                "results": [r.to_json() for r in self.results], "layers": [r.to_json() for r in self.layers],
+                "layers_in_model": [r.to_json() for r in self.layers_in_model]}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str) -> dict[str, Timing]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[k].append(time.perf_counter() - t)
+    return {k: Timing.of(v) for k, v in samples.items()}
+
+
+def _prefill(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
+    return lambda: model(input_ids=ids, use_cache=False)
+
+
+def _cache_names(model: nn.Module) -> tuple[str, str]:
+    """(forward keyword, output attribute) of the KV cache: `cache` in newer transformers."""
+    import inspect
+
+    if "cache" in inspect.signature(model.forward).parameters:
+        return "cache", "cache"
+    return "past_key_values", "past_key_values"
+
+
+def _decode_samples(model: nn.Module, ids: torch.Tensor, new_tokens: int, device: str) -> list[float]:
+    """Prefill `ids`, then time each of `new_tokens` single-token greedy steps."""
+    arg, attr = _cache_names(model)
+    out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, attr)
+    nxt = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(new_tokens):
+        _sync(device)
+        t = time.perf_counter()
+        out = model(input_ids=nxt, use_cache=True, **{arg: cache})
+        _sync(device)
+        times.append(time.perf_counter() - t)
+        cache = getattr(out, attr)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return times
+
+
+def _decode(dense: nn.Module, sparse: nn.Module, ids: torch.Tensor, cfg: BenchConfig, device: str) -> dict[str, Timing]:
+    models = {"dense": dense, "sparse": sparse}
+    for _ in range(cfg.warmup):
+        for m in models.values():
+            _decode_samples(m, ids, min(2, cfg.new_tokens), device)
+    per_step: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(cfg.repeats):
+        for k, m in models.items():
+            per_step[k].append(statistics.median(_decode_samples(m, ids, cfg.new_tokens, device)))
+    return {k: Timing.of(v) for k, v in per_step.items()}
+
+
+def bench_layers(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str, dtype: torch.dtype) -> list[LayerResult]:
+    dense_modules = dict(dense.named_modules())
+    results = []
+    layers = [(n, m) for n, m in sparse.named_modules() if isinstance(m, SparseLinear)]
+    if cfg.max_layers is not None:
+        layers = layers[: cfg.max_layers]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for name, sl in layers:
+        dl = dense_modules.get(name)
+        if dl is None or not hasattr(dl, "weight"):
+            continue
+        w = dl.weight.detach()
+        if type(dl).__name__ == "PackedLinear":
+            w = w.to(dtype)
+        for batch in cfg.layer_batches:
+            x = torch.randn(batch, sl.in_features, generator=gen).to(device=device, dtype=dtype)
+            iters = cfg.layer_iters
+
+            def run_dense(x=x, w=w, b=dl.bias):
+                for _ in range(iters):
+                    nn.functional.linear(x, w, b)
+
+            def run_sparse(x=x):
+                for _ in range(iters):
+                    sl(x)
+
+            t = _alternate({"dense": run_dense, "sparse": run_sparse}, cfg.repeats, cfg.warmup, device)
+            scale = [Timing(v.median_ms / iters, v.min_ms / iters, v.max_ms / iters, v.n) for v in (t["dense"], t["sparse"])]
+            nnz = int((w != 0).sum())
+            results.append(LayerResult(name, (sl.out_features, sl.in_features), sl.kind, 1 - nnz / max(1, w.numel()), batch,
+                                       scale[0], scale[1], w.numel() * w.element_size(), sl.layout.nbytes))
+    return results
+
+
+def bench_layers_in_model(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str, vocab: int) -> list[LayerResult]:
+    """Per-layer time inside real batch-1 decode steps (forward hooks), where each layer's weights
+    come from memory as in serving, not from a cache kept hot by repetition."""
+    names = [n for n, m in sparse.named_modules() if isinstance(m, SparseLinear)]
+    dense_modules, sparse_modules = dict(dense.named_modules()), dict(sparse.named_modules())
+    times: dict[str, dict[str, list[float]]] = {"dense": {n: [] for n in names}, "sparse": {n: [] for n in names}}
+    handles = []
+    for which, modules in (("dense", dense_modules), ("sparse", sparse_modules)):
+        for n in names:
+            start: list[float] = []
+
+            def pre(_m, _a, start=start):
+                _sync(device)
+                start.append(time.perf_counter())
+
+            def post(_m, _a, _o, start=start, sink=times[which][n]):
+                _sync(device)
+                sink.append(time.perf_counter() - start.pop())
+
+            handles += [modules[n].register_forward_pre_hook(pre), modules[n].register_forward_hook(post)]
+    try:
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        ids = torch.randint(0, vocab, (1, min(cfg.prompt_tokens, 16)), generator=gen).to(device)
+        steps = max(2, cfg.new_tokens)
+        for m in (dense, sparse):
+            _decode_samples(m, ids, 1, device)
+        for which in times:
+            for n in names:
+                times[which][n].clear()
+        for _ in range(max(1, cfg.repeats // 2)):
+            for which, m in (("dense", dense), ("sparse", sparse)):
+                # keep only the decode steps' samples (the prompt pass is the first call of each layer)
+                before = {n: len(times[which][n]) for n in names}
+                _decode_samples(m, ids, steps, device)
+                for n in names:
+                    del times[which][n][before[n]]
+    finally:
+        for h in handles:
+            h.remove()
+    results = []
+    for n in names:
+        sl, dl = sparse_modules[n], dense_modules[n]
+        w = dl.weight.detach()
+        nnz = int((w != 0).sum())
+        results.append(LayerResult(n, (sl.out_features, sl.in_features), sl.kind, 1 - nnz / max(1, w.numel()), 1,
+                                   Timing.of(times["dense"][n]), Timing.of(times["sparse"][n]),
+                                   w.numel() * w.element_size(), sl.layout.nbytes))
+    return results
+
+
+@torch.inference_mode()
+def run_bench(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str = "cpu") -> BenchResult:
+    """Time `dense` against `sparse` (the same model on the sparse runtime) on `device`."""
+    from seftc.runtime import cpu, ops
+
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        dense = dense.to(device).eval()
+        sparse = sparse.to(device).eval()
+        dtype = next(p for p in dense.parameters() if p.is_floating_point()).dtype
+        backend = ops.backend() if device == "cpu" else "reference"
+        result = BenchResult(device=device, dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
+                             backend=backend, isa=cpu.isa() if device == "cpu" else "n/a", config=asdict(cfg))
+        result.config["batches"] = list(cfg.batches)
+        result.config["layer_batches"] = list(cfg.layer_batches)
+        result.memory = {
+            "dense_model_bytes": model_nbytes(dense), "sparse_model_bytes": model_nbytes(sparse),
+            "dense_bytes_per_token": weight_bytes_per_token(dense), "sparse_bytes_per_token": weight_bytes_per_token(sparse),
+        }
+        vocab = int(getattr(dense.config, "vocab_size", 256))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        result.layers = bench_layers(dense, sparse, cfg, device, dtype)
+        if cfg.layers_in_model:
+            result.layers_in_model = bench_layers_in_model(dense, sparse, cfg, device, vocab)
+        for batch in cfg.batches:
+            ids = torch.randint(0, vocab, (batch, cfg.prompt_tokens), generator=gen).to(device)
+            t = _alternate({"dense": _prefill(dense, ids), "sparse": _prefill(sparse, ids)}, cfg.repeats, cfg.warmup, device)
+            result.results.append(PhaseResult("prefill", batch, cfg.prompt_tokens, t["dense"], t["sparse"]))
+            t = _decode(dense, sparse, ids, cfg, device)
+            result.results.append(PhaseResult("decode", batch, cfg.new_tokens, t["dense"], t["sparse"]))
+        return result
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def bench_model(model: str, *, device: str = "cpu", dtype: str = "float32", batches: Sequence[int] = (1, 4, 16),
+                repeats: int = 5, **options: Any) -> BenchResult:
+    """`seftc.bench`: load MODEL (pruned or packed folder) dense and sparse, and time both in one run."""
+    from seftc.runtime.convert import load_runtime_pair
+
+    pair = load_runtime_pair(model, dtype)
+    return run_bench(pair.dense, pair.sparse, BenchConfig(batches=tuple(batches), repeats=repeats, **options), device)

@@ -1,0 +1,173 @@
+"""Putting `SparseLinear` in place of pruned (or packed) linear layers of a loaded model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from seftc.runtime.layouts import is_24
+from seftc.runtime.linear import SparseLinear
+
+# Below this fraction of zeros the bitmask layout reads more bytes than the dense weight saves.
+MIN_SPARSITY = 0.25
+
+
+@dataclass
+class ConversionResult:
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed dense
+    dense_bytes: int = 0  # of the converted layers' weights
+    sparse_bytes: int = 0
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def sparsify_model(model: nn.Module, targets: Sequence[str] | None = None, *, kind: str = "auto",
+                   min_sparsity: float = MIN_SPARSITY) -> ConversionResult:
+    """Replace layers in place: every `PackedLinear` (from `seftc.formats.load_sparse`), and every
+    `nn.Linear` among `targets` (default: the decoder blocks' linear layers) at least `min_sparsity`
+    sparse. kind: "auto" (2:4 layout for 2:4-packed weights, bitmask otherwise), "bitmask", "2:4"."""
+    from seftc.models.targets import find_targets
+
+    result = ConversionResult()
+    names = list(targets) if targets is not None else [t.name for t in find_targets(model)]
+    modules = dict(model.named_modules())
+    for name, module in list(modules.items()):
+        if type(module).__name__ == "PackedLinear" and hasattr(module, "packed"):
+            packed = module.packed
+            sparse = SparseLinear.from_packed(packed, module.bias, name)
+            _set_module(model, name, sparse)
+            result.converted.append(name)
+            result.dense_bytes += packed.dense_bytes
+            result.sparse_bytes += sparse.layout.nbytes
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            continue
+        weight = module.weight.data
+        sparsity = 1.0 - float((weight != 0).sum()) / max(1, weight.numel())
+        if sparsity < min_sparsity:
+            result.skipped[name] = f"only {sparsity:.0%} sparse"
+            continue
+        layout_kind = kind
+        if kind == "auto":  # a full 2:4 weight is labelled 2:4 (same bytes); otherwise bitmask stores fewer values
+            layout_kind = "2:4" if is_24(weight) and int((weight != 0).sum()) * 2 == weight.numel() else "bitmask"
+        sparse = SparseLinear.from_dense(module, layout_kind)
+        _set_module(model, name, sparse)
+        result.converted.append(name)
+        result.dense_bytes += weight.numel() * weight.element_size()
+        result.sparse_bytes += sparse.layout.nbytes
+    return result
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights a decode step reads: every linear-like layer's weight (the tied LM head
+    counts the embedding matrix once), plus one embedding row per embedding table."""
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            total += module.layout.nbytes
+        elif isinstance(module, nn.Linear):
+            w = module.weight
+            if id(w) not in seen:
+                seen.add(id(w))
+                total += w.numel() * w.element_size()
+        elif isinstance(module, nn.Embedding):
+            total += module.weight.shape[1] * module.weight.element_size()
+    return total
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Memory held by the model's parameters and buffers (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class RuntimePair:
+    """The same model twice, in one dtype: dense (the baseline) and on the sparse runtime."""
+
+    dense: Any
+    sparse: Any
+    tokenizer: Any | None
+    conversion: ConversionResult
+    source: str  # "pruned" | "packed"
+
+
+def _is_packed(folder) -> bool:
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    if (folder / "seftc_pack.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("compression_config" in config or "quantization_config" in config)
+
+
+def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = True,
+                      min_sparsity: float = MIN_SPARSITY) -> RuntimePair:
+    """Load MODEL (a pruned folder or a packed folder) as a dense model and a sparse-runtime model
+    in `dtype`. Sparse layers come from the packed components when the folder is packed, and from
+    the pruned dense weights otherwise."""
+    import copy
+    from pathlib import Path
+
+    from seftc.errors import SeftcError
+    from seftc.models.loading import _torch_dtype, resolve_model
+
+    torch_dtype = _torch_dtype(dtype, torch.float32)
+    path = Path(str(spec)).expanduser()
+    if path.is_dir() and _is_packed(path):
+        from seftc.formats.sparse_model import load_sparse
+
+        try:
+            sparse = load_sparse(path)
+            dense = load_sparse(path, dense=True) if need_dense else None
+        except SeftcError:
+            raise
+        except Exception as e:  # FormatError subclasses SeftcError; anything else is a bad folder
+            raise SeftcError(f"cannot load packed folder {path}: {str(e).splitlines()[0][:200]}") from None
+        conversion = sparsify_model(sparse, targets=[], min_sparsity=min_sparsity)
+        sparse = sparse.to(torch_dtype)
+        dense = dense.to(torch_dtype) if dense is not None else None
+        source = "packed"
+        tokenizer = _tokenizer(path)
+    else:
+        from seftc.models.loading import load_model
+
+        loaded = load_model(resolve_model(spec), dtype=dtype)
+        dense = loaded.model
+        sparse = copy.deepcopy(dense) if need_dense else dense
+        conversion = sparsify_model(sparse, min_sparsity=min_sparsity)
+        source = "pruned"
+        tokenizer = loaded.tokenizer
+        if not need_dense:
+            dense = None
+    if not conversion.converted:
+        raise SeftcError(f"{spec}: no linear layer is sparse enough (>= {min_sparsity:.0%} zeros) to run sparse; prune it first (seftc prune)")
+    return RuntimePair(dense, sparse.eval(), tokenizer, conversion, source)
+
+
+def _tokenizer(folder) -> Any | None:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError):
+        return None

@@ -1,0 +1,96 @@
+"""Building and loading the C++ CPU kernels (`kernels/cpu/`), and choosing their instruction set.
+
+The extension is compiled once with torch's extension loader into `$SEFTC_CACHE/kernels` (default
+`~/.cache/seftc/kernels`). It registers the CPU implementation of `seftc::sparse_linear` and a few
+`seftc_cpu::` helpers. The instruction set (AVX-512 / AVX2 / scalar) is picked at run time inside
+the library; `SEFTC_ISA=avx2|scalar` or `force_isa()` caps it (tests use this to check all paths).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISA_NAMES = {v: k for k, v in ISA_LEVELS.items()}
+SOURCES = ("sparse_linear.cpp",)
+
+
+def source_dir() -> Path:
+    """kernels/cpu in a source checkout, or the copy shipped inside the package."""
+    for candidate in (Path(__file__).resolve().parents[2] / "kernels" / "cpu", Path(__file__).resolve().parent / "kernels" / "cpu"):
+        if (candidate / SOURCES[0]).is_file():
+            return candidate
+    raise FileNotFoundError("kernels/cpu sources not found")
+
+
+def build_dir() -> Path:
+    from seftc.models.loading import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+_state: dict[str, object] = {}
+
+
+def load() -> bool:
+    """Compile (first time) and load the extension; False, with one warning, if that fails."""
+    if "loaded" in _state:
+        return bool(_state["loaded"])
+    try:
+        import torch
+        from torch.utils.cpp_extension import load as load_ext
+
+        src = source_dir()
+        paths = [str(src / s) for s in SOURCES]
+        digest = hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths) + torch.__version__.encode()).hexdigest()[:12]
+        folder = build_dir() / f"sparse_linear_{digest}"
+        folder.mkdir(parents=True, exist_ok=True)
+        load_ext(name=f"seftc_cpu_{digest}", sources=paths, build_directory=str(folder), is_python_module=False,
+                 extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"], verbose=False)
+        forced = os.environ.get("SEFTC_ISA")
+        if forced:
+            if forced not in ISA_LEVELS:
+                raise ValueError(f"SEFTC_ISA={forced!r}: choose one of {', '.join(ISA_LEVELS)}")
+            torch.ops.seftc_cpu.set_isa(ISA_LEVELS[forced])
+        _state["loaded"] = True
+    except Exception as e:  # no compiler, no headers, build error: the reference still works
+        warnings.warn(f"seftc: CPU sparse kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                      "using the slower PyTorch reference", RuntimeWarning, stacklevel=2)
+        _state["loaded"] = False
+    return bool(_state["loaded"])
+
+
+def isa() -> str:
+    """The instruction set the kernels use now ('reference' when they are not loaded)."""
+    import torch
+
+    if not _state.get("loaded"):
+        return "reference"
+    return ISA_NAMES[int(torch.ops.seftc_cpu.isa())]
+
+
+def best_isa() -> str:
+    import torch
+
+    if not _state.get("loaded"):
+        return "reference"
+    return ISA_NAMES[int(torch.ops.seftc_cpu.best_isa())]
+
+
+@contextlib.contextmanager
+def force_isa(name: str) -> Iterator[str]:
+    """Cap the kernels' instruction set (avx512 | avx2 | scalar) inside the block."""
+    import torch
+
+    if not load():
+        yield "reference"
+        return
+    previous = os.environ.get("SEFTC_ISA")
+    try:
+        yield ISA_NAMES[int(torch.ops.seftc_cpu.set_isa(ISA_LEVELS[name]))]
+    finally:
+        torch.ops.seftc_cpu.set_isa(ISA_LEVELS[previous] if previous in ISA_LEVELS else -1)
