@@ -170,6 +170,7 @@ def repair(
     if start == 0 and cfg.eval_every:
         history["eval_loss"].append([0, _eval_loss(model_, held_out, local_batch)])
     tokens_seen, t0 = 0, time.perf_counter()
+    last_regrown = history["regrown"][-1][1] if history["regrown"] else None
     for step in range(start, cfg.steps):
         ids = train.batch(step, cfg.batch_size)[dist.rank :: dist.world]
         method.begin_step(step, n_micro)
@@ -187,13 +188,14 @@ def repair(
         info = method.after_step(step)
         history["train_loss"].append([step + 1, loss_value])
         history["lr"].append([step + 1, lr])
-        if "regrown" in info and info["regrown"] is not None and (step + 1) % cfg.update_interval == 0:
+        if info.get("regrown") is not None:
             history["regrown"].append([step + 1, info["regrown"]])
+            last_regrown = info["regrown"]
         tokens_seen += ids.numel() * dist.world
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             history["eval_loss"].append([step + 1, _eval_loss(model_, held_out, local_batch)])
         if hasattr(progress, "status"):
-            progress.status(step=step + 1, loss=loss_value, tokens_per_s=tokens_seen / (time.perf_counter() - t0), regrown=info.get("regrown"))
+            progress.status(step=step + 1, loss=loss_value, tokens_per_s=tokens_seen / (time.perf_counter() - t0), regrown=last_regrown)
         advance(1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and ckpt is not None:
             if dist.is_main:

@@ -170,8 +170,9 @@ class SeftController:
 
     # -- after the optimizer step ------------------------------------------------------------------
     @torch.no_grad()
-    def apply_pending(self) -> int:
-        """Apply the decisions taken during this step's backward; returns positions regrown."""
+    def apply_pending(self) -> int | None:
+        """Apply the decisions taken during this step's backward; returns positions regrown
+        (None when this step had no topology update)."""
         total_regrown = 0
         applied = False
         for i, name in enumerate(self.names):
@@ -209,8 +210,9 @@ class SeftController:
             total_regrown += regrown
             st.pending = None
             self.check(name)
-        if applied:
-            self.update_index += 1
+        if not applied:
+            return None
+        self.update_index += 1
         return total_regrown
 
     def _free(self, i: int, layer: SeftLinear, slots: torch.Tensor) -> None:
