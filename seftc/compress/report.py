@@ -55,7 +55,9 @@ def write_report(run: Path, recipe: Recipe, models: dict[str, str], outcomes: li
     }
     report["sparsity"] = {v: saved_sparsity(models[v]) for v in ("pruned", "repaired") if v in models}
     report["quality"] = {v: by[f"eval-{v}"].result for v in ("dense", "pruned", "repaired") if f"eval-{v}" in by}
-    sizes = {"dense_safetensors": _folder_bytes(models["dense"]) if Path(models["dense"]).exists() else None}
+    from seftc.models.loading import resolve_model
+
+    sizes = {"dense_safetensors": _folder_bytes(resolve_model(models["dense"]).folder)}
     if "pruned" in models:
         sizes["pruned_safetensors"] = _folder_bytes(models["pruned"])
     if "pack" in by:
@@ -231,7 +233,12 @@ def _markdown(report: dict[str, Any]) -> str:
             lines += ["![bytes](bytes.png)", ""]
     speed = report.get("speed")
     if speed and speed.get("results"):
-        lines += ["## Speed", "", f"Dense and sparse timed side by side in one run on {speed.get('device')} (medians).", "",
+        cfg = speed.get("config", {})
+        bound = f", model byte bound (dense / sparse weight bytes per token) {speed['byte_bound']:.2f}×" if speed.get("byte_bound") else ""
+        lines += ["## Speed", "", f"Dense and sparse in {speed.get('dtype', '')}, timed side by side in one run on {speed.get('device')} "
+                  f"({speed.get('threads', '?')} threads, {speed.get('isa', '')} kernels): prompt {cfg.get('prompt_tokens', '?')} tokens, "
+                  f"{cfg.get('new_tokens', '?')} decoded tokens, medians of {cfg.get('repeats', '?')} repeats after {cfg.get('warmup', '?')} "
+                  f"warm-up{bound}. Other processes on the machine distort these times.", "",
                   "| phase | batch | dense ms | sparse ms | speedup |", "|---|---|---|---|---|"]
         for x in speed["results"]:
             lines.append(f"| {x['phase']} | {x['batch']} | {x['dense_ms']:.2f} | {x['sparse_ms']:.2f} | {x['speedup']:.2f}× |")
