@@ -235,3 +235,30 @@ def test_repair_bad_inputs(tiny_dir, pruned, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and expect in lines[0], r.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_mask_is_explicit_when_kept_weights_are_zero(tiny_dir, tmp_path):
+    """Dequantized checkpoints hold exact zeros, so a 2:4 group can keep a zero: the mask file,
+    not W != 0, carries the active set, and repair keeps it exact."""
+    from transformers import AutoModelForCausalLM
+
+    from seftc.models.manifest import load_masks
+
+    src = tmp_path / "zeros"
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:, :4] = 0  # whole groups of four are zero
+    model.save_pretrained(src)
+    for f in tiny_dir.glob("tokenizer*"):
+        (src / f.name).write_bytes(f.read_bytes())
+    pruned = tmp_path / "p"
+    r = prune(str(src), method="wanda", pattern="2:4", calib={"source": TEXT, "nsamples": 4, "seqlen": 32}, output=pruned)
+    masks = load_masks(pruned)
+    name = "model.layers.0.mlp.up_proj"
+    rec = next(x for x in r.manifest.layers if x.name == name)
+    assert int(masks[name].sum()) == masks[name].numel() // 2 > rec.nonzero
+    out = tmp_path / "r"
+    repair(str(pruned), method="seft", output=out, density=0.05, **QUICK)
+    final = load_masks(out)
+    assert all(int(final[k].sum()) == int(masks[k].sum()) for k in masks)
+    assert all(bool((final[k].reshape(-1, 4).sum(1) == 2).all()) for k in masks)

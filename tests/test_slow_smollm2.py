@@ -26,10 +26,11 @@ def test_prune_inspect_eval_real_model(tmp_path):
     r = runner.invoke(cli, ["prune", "default", "-o", str(out), "--method", "wanda", "--pattern", "2:4", "--nsamples", "8", "--seqlen", "256", "--json"])
     assert r.exit_code == 0, r.stderr
     manifest = json.loads(r.stdout)
-    assert len(manifest["layers"]) == 30 * 7 and manifest["sparsity"] == 0.5
+    # the dequantized GGUF weights hold exact zeros, some of which 2:4 keeps: measured sparsity >= 0.5
+    assert len(manifest["layers"]) == 30 * 7 and 0.5 <= manifest["sparsity"] < 0.5001
     r = runner.invoke(cli, ["inspect", str(out), "--json"])
     info = json.loads(r.stdout)
-    assert info["claimed_pattern_holds"] is True and info["sparsity"] == 0.5
+    assert info["claimed_pattern_holds"] is True and info["sparsity"] == manifest["sparsity"]
     dense = json.loads(runner.invoke(cli, ["eval", "default", "--ppl", "shakespeare:test", "--limit", "4", "--json"]).stdout)
     pruned = json.loads(runner.invoke(cli, ["eval", str(out), "--ppl", "shakespeare:test", "--limit", "4", "--json"]).stdout)
     assert 10 < dense["ppl"] < 100

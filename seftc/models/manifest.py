@@ -15,6 +15,7 @@ from typing import Any
 from seftc.errors import SeftcError
 
 MANIFEST_NAME = "seftc_manifest.json"
+MASKS_NAME = "seftc_masks.safetensors"  # the explicit keep-masks, packed bits, one tensor per layer
 MANIFEST_VERSION = 1
 
 
@@ -86,3 +87,39 @@ def tool_versions() -> dict[str, str]:
         "safetensors": safetensors.__version__,
         "python": platform.python_version(),
     }
+
+
+def save_masks(folder: Path, masks: dict[str, Any]) -> None:
+    """Write the keep-masks (bool tensors) as little-endian packed bits; shapes in the metadata.
+    A mask is explicit state: a kept weight may be exactly zero (e.g. dequantized GGUF weights),
+    so it cannot be recovered from `W != 0`."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays = {name: np.packbits(m.detach().cpu().numpy().reshape(-1), bitorder="little") for name, m in masks.items()}
+    meta = {name: json.dumps(list(m.shape)) for name, m in masks.items()}
+    save_file(arrays, str(Path(folder) / MASKS_NAME), metadata=meta)
+
+
+def load_masks(folder: Path) -> dict[str, Any] | None:
+    """The keep-masks written by `save_masks`, or None when the folder has none."""
+    import math
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    path = Path(folder) / MASKS_NAME
+    if not path.is_file():
+        return None
+    out = {}
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+            for name in f.keys():
+                shape = json.loads(meta[name])
+                bits = np.unpackbits(f.get_tensor(name), bitorder="little", count=math.prod(shape))
+                out[name] = torch.from_numpy(bits.astype(bool)).reshape(shape)
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+        raise SeftcError(f"{path} is not a valid seftc mask file ({e.__class__.__name__})") from None
+    return out

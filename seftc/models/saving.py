@@ -55,12 +55,16 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(model, tokenizer, out: Path, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a folder that plain `AutoModelForCausalLM.from_pretrained` loads."""
+def save_model(model, tokenizer, out: Path, extra_files: dict[str, str] | None = None, masks: dict | None = None) -> Path:
+    """Write a folder that plain `AutoModelForCausalLM.from_pretrained` loads (+ the masks file)."""
     with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        if masks:
+            from seftc.models.manifest import save_masks
+
+            save_masks(tmp, masks)
     return Path(out)

@@ -194,7 +194,8 @@ def prune(
     )
     out_path = None
     if output is not None:
-        out_path = save_model(loaded.model, loaded.tokenizer, Path(output), {"seftc_manifest.json": manifest.to_json()})
+        out_path = save_model(loaded.model, loaded.tokenizer, Path(output), {"seftc_manifest.json": manifest.to_json()},
+                              masks=handler.masks)
     return PruneResult(loaded, manifest, handler.masks, out_path)
 
 

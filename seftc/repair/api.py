@@ -21,7 +21,7 @@ import torch
 
 from seftc.errors import SeftcError
 from seftc.models.loading import LoadedModel, load_model, resolve_model
-from seftc.models.manifest import LayerRecord, Manifest, tool_versions
+from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
 from seftc.models.saving import atomic_folder, check_output, save_model
 from seftc.models.targets import find_targets
 from seftc.prune.masks import mask_checksum, nm_holds, parse_pattern
@@ -62,12 +62,16 @@ def _pruned_state(loaded: LoadedModel, allow_dense: bool = False) -> tuple[Manif
     targets = [t for t in find_targets(loaded.model, ["*"], []) if t.name in names]
     if len(targets) != len(names):
         raise SeftcError(f"{loaded.ref.spec}: the manifest names layers this model does not have")
+    saved = load_masks(loaded.ref.folder)
     masks = {}
     by_name = {rec.name: rec for rec in manifest.layers}
     for t in targets:
-        mask = t.module.weight.data != 0
-        if mask_checksum(mask) != by_name[t.name].mask_sha256:
-            raise SeftcError(f"{t.name}: weights do not match the manifest's mask checksum; the model was changed after pruning")
+        w = t.module.weight.data
+        mask = saved.get(t.name) if saved is not None else w != 0
+        if mask is None or tuple(mask.shape) != tuple(w.shape) or mask_checksum(mask) != by_name[t.name].mask_sha256:
+            raise SeftcError(f"{t.name}: the mask does not match the manifest's checksum; the model was changed after pruning")
+        if bool((w[~mask] != 0).any()):
+            raise SeftcError(f"{t.name}: weights are non-zero outside the mask; the model was changed after pruning")
         masks[t.name] = mask
     return manifest, targets, masks
 
@@ -210,7 +214,7 @@ def repair(
     if cfg.grad_checkpointing:
         model_.gradient_checkpointing_disable()
     manifest = _manifest(loaded, source_manifest, cfg, targets_names=[t.name for t in targets], masks=masks, stats=stats,
-                         history=history, seconds=seconds, dist=dist)
+                         history=history, seconds=seconds, dist=dist, final_masks=final_masks)
     ranks = dist.gather([rec.mask_sha256 for rec in manifest.layers])
     manifest.config["trainable_params"] = sum(p.numel() for p in params)
     manifest.config["ranks"] = dist.world
@@ -219,7 +223,7 @@ def repair(
         raise RuntimeError("ranks took different topology decisions")
     saved = None
     if out is not None and dist.is_main:
-        saved = save_model(model_, loaded.tokenizer, out, {"seftc_manifest.json": manifest.to_json()})
+        saved = save_model(model_, loaded.tokenizer, out, {"seftc_manifest.json": manifest.to_json()}, masks=final_masks)
         if ckpt is not None and ckpt.exists() and checkpoint_dir is None:
             import shutil
 
@@ -228,7 +232,7 @@ def repair(
     return RepairResult(loaded, manifest, history, saved, final_masks)
 
 
-def _manifest(loaded, source: Manifest, cfg: RepairConfig, targets_names, masks, stats, history, seconds, dist) -> Manifest:
+def _manifest(loaded, source: Manifest, cfg: RepairConfig, targets_names, masks, stats, history, seconds, dist, final_masks) -> Manifest:
     modules = dict(loaded.model.named_modules())
     pattern = parse_pattern(source.pattern)
     records, layer_stats = [], {}
@@ -240,9 +244,9 @@ def _manifest(loaded, source: Manifest, cfg: RepairConfig, targets_names, masks,
             name=name, shape=list(w.shape), target_sparsity=before[name].target_sparsity, nonzero=nonzero,
             sparsity=1 - nonzero / w.numel(),
             pattern=str(pattern) if pattern.is_nm and nm_holds(w, pattern) else "unstructured",
-            mask_sha256=mask_checksum(w != 0),
+            mask_sha256=mask_checksum(final_masks[name]),
         ))
-        moved = int((masks[name] & (w == 0)).sum())
+        moved = int((masks[name] & ~final_masks[name]).sum())
         layer_stats[name] = {"sparsity_before": before[name].sparsity, "sparsity_after": records[-1].sparsity,
                              "positions_left": moved, **stats.get(name, {})}
     total = sum(r.shape[0] * r.shape[1] for r in records)

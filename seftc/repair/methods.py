@@ -215,7 +215,7 @@ class LoraMethod(_TorchOptimMethod):
                 if base.bias is not None:
                     merged.bias.copy_(base.bias)
                 _set_module(model, name, merged)
-                final[name] = merged.weight != 0
+                final[name] = masks[name] if self.mode == "masked" else merged.weight != 0
         if self.mode == "merge" and self.reprune is not None:
             final = self.reprune(model)
         return final
