@@ -15,7 +15,7 @@ from typing import Any
 from seftc.errors import SeftcError
 
 MANIFEST_NAME = "seftc_manifest.json"
-MASKS_NAME = "seftc_masks.safetensors"  # the explicit keep-masks, packed bits, one tensor per layer
+MASKS_NAME = "seftc_masks.st"  # explicit keep-masks: safetensors layout, packed bits; not *.safetensors, so no weight loader picks it up
 MANIFEST_VERSION = 1
 
 
