@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from seftc.errors import SeftcError
+from seftc.errors import SeftcError, validated
 
 STAGES = ("model", "prune", "repair", "pack", "export", "bench", "eval")
 
@@ -113,13 +113,7 @@ def _validate_stage(name: str, value: Any) -> BaseModel | None:
         value = {}
     if not isinstance(value, dict):
         raise SeftcError(f"{name}: expected a mapping of options or false, got {type(value).__name__}")
-    try:
-        return STAGE_TYPES[name](**value)
-    except ValidationError as e:
-        err = e.errors()[0]
-        path = ".".join([name, *map(str, err["loc"])])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise SeftcError(f"recipe key {path}: {msg}") from None
+    return validated(STAGE_TYPES[name], name, "recipe key ", **value)
 
 
 def recipe_from_dict(raw: dict[str, Any] | None) -> Recipe:

@@ -1,10 +1,10 @@
 """Typed configuration of one-shot pruning (the `prune` stage of a recipe)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from seftc.data.calibration import CalibConfig
-from seftc.errors import SeftcError
+from seftc.errors import SeftcError, validated
 from seftc.models.targets import DEFAULT_IGNORE
 from seftc.prune.masks import Pattern, check_sparsity, parse_pattern
 from seftc.prune.methods import PRUNERS
@@ -64,9 +64,4 @@ class PruneConfig(BaseModel):
 
 def make_config(**kwargs) -> PruneConfig:
     """Build and validate a PruneConfig, turning validation errors into one SeftcError line."""
-    try:
-        return PruneConfig(**kwargs).checked()
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "prune"
-        raise SeftcError(f"prune.{where}: {err['msg']}") from None
+    return validated(PruneConfig, "prune", **kwargs).checked()

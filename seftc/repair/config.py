@@ -1,9 +1,9 @@
 """Typed configuration of repair (the `repair` stage of a recipe)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from seftc.errors import SeftcError
+from seftc.errors import SeftcError, validated
 
 METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
 DEFAULT_LR = {"seft": 2e-4, "seft-noregrow": 2e-4, "static": 5e-5, "lora-merge": 5e-4, "masked-lora": 5e-4, "lora-dense": 5e-4}
@@ -59,12 +59,7 @@ class RepairConfig(BaseModel):
 
 
 def make_repair_config(**kwargs) -> RepairConfig:
-    try:
-        cfg = RepairConfig(**kwargs)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "repair"
-        raise SeftcError(f"repair.{where}: {err['msg']}") from None
+    cfg = validated(RepairConfig, "repair", **kwargs)
     if cfg.batch_size % cfg.grad_accum:
         raise SeftcError(f"repair.batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum})")
     if cfg.accumulation > cfg.update_interval:
