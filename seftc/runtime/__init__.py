@@ -1,5 +1,6 @@
 """The sparse inference runtime: one op (`seftc::sparse_linear`) with a PyTorch reference and
-compiled CPU kernels, `SparseLinear`, model conversion, benchmarking and generation.
+compiled CPU kernels and a CUDA kernel (bound; verified on GPU: not yet), `SparseLinear`, model
+conversion (with 2:4 semi-structured prefill on CUDA), benchmarking and generation.
 
     from seftc.runtime import SparseLinear, sparsify_model
     sparsify_model(model)              # pruned nn.Linear / PackedLinear -> SparseLinear

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from seftc.runtime.convert import model_nbytes, weight_bytes_per_token
+from seftc.runtime.convert import model_nbytes, prepare_prefill, weight_bytes_per_token
 from seftc.runtime.linear import SparseLinear
 
 
@@ -285,11 +285,14 @@ def run_bench(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str
         dense = dense.to(device).eval()
         sparse = sparse.to(device).eval()
         dtype = next(p for p in dense.parameters() if p.is_floating_point()).dtype
-        backend = ops.backend() if device == "cpu" else "reference"
+        backend = ops.backend() if device == "cpu" else ops.cuda_backend()
+        prefill = prepare_prefill(sparse) if device.startswith("cuda") else []
         result = BenchResult(device=device, dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
                              backend=backend, isa=cpu.isa() if device == "cpu" else "n/a", config=asdict(cfg))
         result.config["batches"] = list(cfg.batches)
         result.config["layer_batches"] = list(cfg.layer_batches)
+        if prefill:  # 2:4 layers on CUDA: semi-structured or dense prefill, with the timings behind the choice
+            result.config["prefill_24"] = [d.to_json() for d in prefill]
         result.memory = {
             "dense_model_bytes": model_nbytes(dense), "sparse_model_bytes": model_nbytes(sparse),
             "dense_bytes_per_token": weight_bytes_per_token(dense), "sparse_bytes_per_token": weight_bytes_per_token(sparse),

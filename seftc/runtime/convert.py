@@ -9,6 +9,7 @@ from torch import nn
 
 from seftc.runtime.layouts import is_24
 from seftc.runtime.linear import SparseLinear
+from seftc.runtime.semistructured import PREFILL_TOKENS, PrefillDecision, decide_layer
 
 # Below this fraction of zeros the bitmask layout reads more bytes than the dense weight saves.
 MIN_SPARSITY = 0.25
@@ -20,6 +21,7 @@ class ConversionResult:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed dense
     dense_bytes: int = 0  # of the converted layers' weights
     sparse_bytes: int = 0
+    prefill: list[PrefillDecision] = field(default_factory=list)  # 2:4 layers on CUDA (prepare_prefill)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -31,7 +33,9 @@ def sparsify_model(model: nn.Module, targets: Sequence[str] | None = None, *, ki
                    min_sparsity: float = MIN_SPARSITY) -> ConversionResult:
     """Replace layers in place: every `PackedLinear` (from `seftc.formats.load_sparse`), and every
     `nn.Linear` among `targets` (default: the decoder blocks' linear layers) at least `min_sparsity`
-    sparse. kind: "auto" (2:4 layout for 2:4-packed weights, bitmask otherwise), "bitmask", "2:4"."""
+    sparse. kind: "auto" (2:4 layout for 2:4-packed weights, bitmask otherwise), "bitmask", "2:4".
+    A converted `nn.Linear` keeps its device and dtype; when the model is on CUDA, 2:4 layers also get
+    their prefill decision (`prepare_prefill`, recorded in `result.prefill`)."""
     from seftc.models.targets import find_targets
 
     result = ConversionResult()
@@ -57,12 +61,39 @@ def sparsify_model(model: nn.Module, targets: Sequence[str] | None = None, *, ki
         layout_kind = kind
         if kind == "auto":  # a full 2:4 weight is labelled 2:4 (same bytes); otherwise bitmask stores fewer values
             layout_kind = "2:4" if is_24(weight) and int((weight != 0).sum()) * 2 == weight.numel() else "bitmask"
-        sparse = SparseLinear.from_dense(module, layout_kind)
+        # the layout is built on the CPU (fp16 values as fp32); put it back where the layer was, in its dtype
+        sparse = SparseLinear.from_dense(module, layout_kind).to(device=weight.device, dtype=weight.dtype)
         _set_module(model, name, sparse)
         result.converted.append(name)
         result.dense_bytes += weight.numel() * weight.element_size()
         result.sparse_bytes += sparse.layout.nbytes
+    if any(p.is_cuda for p in model.buffers()):
+        result.prefill = prepare_prefill(model)
     return result
+
+
+def prepare_prefill(model: nn.Module, tokens: int = PREFILL_TOKENS, min_speedup: float = 1.0) -> list[PrefillDecision]:
+    """For every 2:4 `SparseLinear` on CUDA (float16/bfloat16, a shape torch's semi-structured
+    backend takes), time semi-structured against dense `F.linear` at `tokens` tokens, once per
+    distinct shape, and keep a semi-structured prefill weight where it is faster
+    (`seftc.runtime.semistructured`). Other layers are listed with the reason they stay on
+    decompress + matmul for prefill. Call again after moving or casting the model.
+    `SEFTC_KERNELS=reference` keeps no semi-structured weight (everything on the reference)."""
+    import os
+
+    decisions: list[PrefillDecision] = []
+    timings: dict = {}
+    forced_reference = os.environ.get("SEFTC_KERNELS", "").lower() == "reference"
+    for name, module in model.named_modules():
+        if not isinstance(module, SparseLinear):
+            continue
+        module.prefill_weight = None
+        if module.kind != "2:4" or not module.values.is_cuda or forced_reference:
+            continue
+        decision, semi = decide_layer(name, module, tokens, min_speedup, timings)
+        module.prefill_weight = semi
+        decisions.append(decision)
+    return decisions
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:

@@ -1,11 +1,18 @@
 """`SparseLinear`: an `nn.Linear` replacement whose weight lives in a kernel layout and whose
-forward calls the one op, `seftc::sparse_linear`."""
+forward calls the one op, `seftc::sparse_linear`.
+
+On CUDA a 2:4 layer may also hold `prefill_weight`, a semi-structured copy of its weight chosen at
+conversion by timing (`seftc.runtime.semistructured`, `seftc.runtime.convert.prepare_prefill`):
+batches of more than 8 tokens then run `F.linear` with it; decode-sized batches keep the bitmap
+kernel. The copy is a plain attribute: not saved, and dropped by any `.to()` / `.cuda()` / `.half()`
+(run `prepare_prefill` again after moving or casting a model)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from seftc.runtime import ops
+from seftc.runtime.cuda import MAX_KERNEL_TOKENS
 from seftc.runtime.layouts import SparseLayout
 
 
@@ -21,6 +28,11 @@ class SparseLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.prefill_weight: torch.Tensor | None = None  # semi-structured 2:4 copy for prefill on CUDA
+
+    def _apply(self, fn, recurse=True):  # moving or casting invalidates the semi-structured copy
+        self.prefill_weight = None
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, kind: str = "bitmask") -> "SparseLinear":
@@ -47,9 +59,16 @@ class SparseLinear(nn.Module):
         return self.layout.nbytes + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        semi = self.prefill_weight
+        if (semi is not None and x.is_cuda and x.dtype == semi.dtype and x.device == semi.device
+                and x.numel() > MAX_KERNEL_TOKENS * self.in_features):
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            y = nn.functional.linear(x.reshape(-1, self.in_features), semi, bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         return ops.sparse_linear(x, self.masks, self.values, self.row_offsets, self.bias)
 
     def extra_repr(self) -> str:
         nnz = int(self.row_offsets[-1])
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.kind}, "
-                f"stored={nnz / max(1, self.in_features * self.out_features):.1%}, dtype={self.values.dtype}, bias={self.bias is not None}")
+                f"stored={nnz / max(1, self.in_features * self.out_features):.1%}, dtype={self.values.dtype}, bias={self.bias is not None}"
+                + (", prefill=semi-structured" if self.prefill_weight is not None else ""))
