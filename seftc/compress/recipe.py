@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from seftc.errors import SeftcError, validated
+from seftc.repair.config import RepairConfig
 
 STAGES = ("model", "prune", "repair", "pack", "export", "bench", "eval")
 
@@ -40,25 +41,11 @@ class PruneStage(_Strict):
     owl: bool = False
 
 
-class RepairStage(_Strict):
-    method: str = "seft"
-    data: str = "shakespeare:train"
-    eval_data: str = "shakespeare:valid"
+class RepairStage(RepairConfig):
+    """`seftc repair`'s options (one definition: `RepairConfig`), with a shorter default run."""
+
     steps: int = Field(40, ge=1)
-    seqlen: int = Field(256, ge=8)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float | None = None
-    seed: int = 0
-    density: float = 0.02
-    update_interval: int = 20
-    accumulation: int = 5
-    zeta0: float = 0.2
-    protect: int = 2
-    init: str = "random"
-    lora_r: int = 8
-    eval_every: int = 10
-    grad_checkpointing: bool = False
+    eval_every: int = Field(10, ge=0)
 
 
 class PackStage(_Strict):
@@ -84,7 +71,7 @@ class EvalStage(_Strict):
     seqlen: int = Field(512, ge=8)
 
 
-STAGE_TYPES: dict[str, type[_Strict]] = {
+STAGE_TYPES: dict[str, type[BaseModel]] = {
     "model": ModelStage, "prune": PruneStage, "repair": RepairStage, "pack": PackStage,
     "export": ExportStage, "bench": BenchStage, "eval": EvalStage,
 }

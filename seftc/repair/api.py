@@ -208,6 +208,7 @@ def repair(
         if stop_after is not None and step + 1 >= stop_after:
             break
 
+    loop_s = time.perf_counter() - t0
     seconds = time.perf_counter() - start_time
     stats = method.stats()
     final_masks = method.finalize(model_, masks)
@@ -217,6 +218,7 @@ def repair(
                          history=history, seconds=seconds, dist=dist, final_masks=final_masks)
     ranks = dist.gather([rec.mask_sha256 for rec in manifest.layers])
     manifest.config["trainable_params"] = sum(p.numel() for p in params)
+    manifest.config["s_per_step"] = loop_s / max(cfg.steps - start, 1)  # training loop only (no load, save, final eval)
     manifest.config["ranks"] = dist.world
     manifest.config["ranks_agree"] = all(r == ranks[0] for r in ranks)
     if not manifest.config["ranks_agree"]:
