@@ -25,14 +25,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("BENCH_DIR", ROOT / "runs" / "bench-repair"))
-STEPS = int(os.environ.get("BENCH_STEPS", 140))
+STEPS = int(os.environ.get("BENCH_STEPS", 40))
 PATTERNS = os.environ.get("BENCH_PATTERNS", "0.7,2:4").split(",")
 METHODS = os.environ.get("BENCH_METHODS", "seft,static,masked-lora,lora-merge,seft-noregrow,lora-dense").split(",")
+NM_METHODS = os.environ.get("BENCH_NM_METHODS", ",".join(METHODS)).split(",")  # methods run on N:M patterns
 SEEDS = [int(s) for s in os.environ.get("BENCH_SEEDS", "0").split(",")]
 PPL_WINDOWS = int(os.environ.get("BENCH_PPL_WINDOWS", 32))
-TASKS = os.environ.get("BENCH_TASKS", "piqa,arc_easy,hellaswag")
+TASKS = os.environ.get("BENCH_TASKS", "piqa,arc_easy,winogrande")
 LIMIT = int(os.environ.get("BENCH_LIMIT", 300))
+DATA = os.environ.get("BENCH_DATA", "shakespeare:train")
+# Per-method options chosen on shakespeare:valid (never on evaluation text); see the README.
+SETTINGS: dict[str, dict] = json.loads(os.environ.get("BENCH_SETTINGS", "{}"))
 DENSE_REF = os.environ.get("BENCH_DENSE_REF", "1") == "1"
+# Runs side by side; with JOBS > 1 each run gets cores // JOBS threads (s/step is then per run
+# while the others run: compare rows of one benchmark, not across machines).
+JOBS = int(os.environ.get("BENCH_JOBS", 1))
 
 
 def _pruned(pattern: str) -> Path:
@@ -54,7 +61,7 @@ def _dense_as_pruned() -> Path:
     return out
 
 
-def evaluate(folder: str) -> dict:
+def evaluate(folder: str, tasks: bool = True) -> dict:
     import torch
     from safetensors import safe_open
 
@@ -67,8 +74,9 @@ def evaluate(folder: str) -> dict:
     row = {}
     for key, source in (("ppl_in", "shakespeare:test"), ("ppl_out", "lambada")):
         row[key] = perplexity(loaded.model, loaded.tokenizer, source, seqlen=512, limit=PPL_WINDOWS).ppl
-    res = evaluate_tasks(loaded.model, loaded.tokenizer, TASKS.split(","), limit=LIMIT)
-    row["tasks"] = {k: {"acc": v.acc, "stderr": v.acc_stderr, "n": v.n} for k, v in res.items()}
+    if tasks and TASKS:
+        res = evaluate_tasks(loaded.model, loaded.tokenizer, TASKS.split(","), limit=LIMIT)
+        row["tasks"] = {k: {"acc": v.acc, "stderr": v.acc_stderr, "n": v.n} for k, v in res.items()}
     manifest = Manifest.load(Path(folder))
     if manifest is not None:
         names = {r.name + ".weight" for r in manifest.layers}
@@ -85,75 +93,126 @@ def evaluate(folder: str) -> dict:
 
 
 def worker(src: str, method: str, seed: int, out: str) -> dict:
-    import resource
-
     from seftc.repair.api import repair
 
-    t0 = time.perf_counter()
-    result = repair(src, method=method, seed=seed, steps=STEPS, output=out, force=True, eval_every=0, allow_dense=True)
-    seconds = time.perf_counter() - t0
-    row = {"method": method, "seed": seed, "s_per_step": seconds / STEPS,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "trainable": result.manifest.config.get("trainable_params")}
-    row.update(evaluate(out))
+    options = SETTINGS.get(method, {})
+    result = repair(src, method=method, seed=seed, steps=STEPS, data=DATA, output=out, force=True, eval_every=0,
+                    allow_dense=True, **options)
+    cfg = result.manifest.config
+    stats = result.manifest.layer_stats or {}
+    row = {"method": method, "seed": seed, "options": options, "lr": cfg["learning_rate"],
+           "s_per_step": cfg["s_per_step"], "peak_rss_mib": cfg["peak_rss_mib"], "trainable": cfg.get("trainable_params"),
+           "regrown": sum(v.get("regrown", 0) for v in stats.values()),
+           "positions_moved": sum(v.get("positions_left", 0) for v in stats.values())}
+    del result
+    row.update(evaluate(out, tasks=seed == SEEDS[0]))
     return row
 
 
-def _spawn(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def _spawn(args: list[str], key: str) -> dict:
+    """Run one measurement in its own process; its row is kept in WORK/rows/KEY.json so an
+    interrupted benchmark resumes where it stopped (delete the file to rerun that row)."""
+    cached = WORK / "rows" / f"{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    env = dict(os.environ)
+    if JOBS > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // JOBS))
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(row))
+    print(f"[bench-repair] {key} {json.dumps(row)}", file=sys.stderr, flush=True)
+    return row
 
 
-def main() -> None:
-    WORK.mkdir(parents=True, exist_ok=True)
-    results: dict = {"protocol": __doc__, "steps": STEPS, "patterns": {}}
-    dense = _spawn(["--eval", "default"])
-    results["dense"] = dense
-    print(f"[bench-repair] dense {dense}", file=sys.stderr, flush=True)
-    if DENSE_REF:
-        ref = _spawn(["--worker", str(_dense_as_pruned()), "static", "0", str(WORK / "dense-trained")])
-        results["dense_trained"] = ref
-        print(f"[bench-repair] dense+train {ref}", file=sys.stderr, flush=True)
-    for pattern in PATTERNS:
-        src = _pruned(pattern)
-        pruned = _spawn(["--eval", str(src)])
-        rows = []
-        for method in METHODS:
-            for seed in SEEDS if method in ("seft", "static") else SEEDS[:1]:
-                row = _spawn(["--worker", str(src), method, str(seed), str(WORK / f"{src.name}-{method}-s{seed}")])
-                print(f"[bench-repair] {pattern} {row}", file=sys.stderr, flush=True)
-                rows.append(row)
-        results["patterns"][pattern] = {"pruned": pruned, "rows": rows}
+def _write(results: dict) -> str:
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "repair.json").write_text(json.dumps(results, indent=2) + "\n")
     text = render(results)
     (ROOT / "results" / "repair.md").write_text(text)
-    print(text)
+    return text
+
+
+def main() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    results: dict = {"protocol": __doc__, "steps": STEPS, "data": DATA, "settings": SETTINGS, "jobs": JOBS, "patterns": {}}
+    sources = {pattern: _pruned(pattern) for pattern in PATTERNS}  # one-shot pruning first, all cores
+    jobs: list[tuple[str, list[str]]] = [("dense", ["--eval", "default"])]
+    if DENSE_REF:
+        jobs.append((f"dense-trained-s{SEEDS[0]}", ["--worker", str(_dense_as_pruned()), "static", str(SEEDS[0]), str(WORK / "dense-trained")]))
+    for pattern, src in sources.items():
+        jobs.append((src.name, ["--eval", str(src)]))
+        for method in NM_METHODS if ":" in pattern else METHODS:
+            for seed in SEEDS if method in ("seft", "static") else SEEDS[:1]:
+                name = f"{src.name}-{method}-s{seed}"
+                jobs.append((name, ["--worker", str(src), method, str(seed), str(WORK / name)]))
+    with ThreadPoolExecutor(max_workers=JOBS) as pool:
+        rows = dict(zip([k for k, _ in jobs], pool.map(lambda job: _spawn(job[1], job[0]), jobs)))
+    results["dense"] = rows["dense"]
+    if DENSE_REF:
+        results["dense_trained"] = rows[f"dense-trained-s{SEEDS[0]}"]
+    for pattern, src in sources.items():
+        results["patterns"][pattern] = {"pruned": rows[src.name],
+                                        "rows": [rows[k] for k, _ in jobs if k.startswith(src.name + "-")]}
+    print(_write(results))
+
+
+def _gap(pruned: dict, dense: dict, row: dict, key: str) -> float:
+    """Share of the dense-to-pruned perplexity gap closed (1 = back to dense)."""
+    return (pruned[key] - row[key]) / (pruned[key] - dense[key])
 
 
 def render(results: dict) -> str:
+    import statistics
+
     dense = results["dense"]
-    tasks = list(dense["tasks"])
-    head = ("| pattern | method | seed | ppl in-domain | gap closed | ppl out-of-domain | gap closed | "
-            + " | ".join(tasks) + " | sparsity (saved) | s/step | peak RSS MiB |")
-    lines = [f"## Repair (`make bench-repair`, {results['steps']} steps × 4 × 256 tokens)", "", head,
-             "|" + "---|" * (10 + len(tasks))]
+    tasks = list(dense.get("tasks", {}))
+    head = ("| pattern | method | seed | lr | trainable | ppl in-domain | gap closed | ppl out-of-domain | gap closed | "
+            + " | ".join(tasks) + " | sparsity (saved) | regrown | s/step | peak RSS MiB |")
+    lines = [f"## Repair (`make bench-repair`, {results['steps']} steps × 4 × 256 tokens of {results.get('data', 'shakespeare:train')})",
+             "", head, "|" + "---|" * (13 + len(tasks))]
 
     def acc(row):
+        if "tasks" not in row:
+            return ["—" for _ in tasks]
         return [f"{row['tasks'][t]['acc']:.3f} ± {row['tasks'][t]['stderr']:.3f}" for t in tasks]
 
     def line(pattern, name, seed, row, pruned=None):
-        gap = lambda k: "—" if pruned is None else f"{(pruned[k] - row[k]) / (pruned[k] - dense[k]):.0%}"
-        return (f"| {pattern} | {name} | {seed} | {row['ppl_in']:.2f} | {gap('ppl_in')} | {row['ppl_out']:.2f} | {gap('ppl_out')} | "
-                + " | ".join(acc(row)) + f" | {row.get('sparsity', 0):.4f} | {row.get('s_per_step', 0):.2f} | {row.get('peak_rss_mib', 0):.0f} |")
+        gap = lambda k: "—" if pruned is None else f"{_gap(pruned, dense, row, k):.1%}"
+        lr = f"{row['lr']:.0e}" if "lr" in row else "—"
+        trainable = f"{row['trainable'] / 1e6:.2f} M" if row.get("trainable") else "—"
+        regrown = str(row["regrown"]) if row.get("method", "").startswith("seft") else "—"
+        return (f"| {pattern} | {name} | {seed} | {lr} | {trainable} | {row['ppl_in']:.2f} | {gap('ppl_in')} | {row['ppl_out']:.2f} | {gap('ppl_out')} | "
+                + " | ".join(acc(row)) + f" | {row.get('sparsity', 0):.4f} | {regrown} | "
+                + (f"{row['s_per_step']:.2f} | {row['peak_rss_mib']:.0f} |" if "s_per_step" in row else "— | — |"))
 
     lines.append(line("—", "dense", "—", dense))
     if "dense_trained" in results:
-        lines.append(line("—", "dense+train (reference)", 0, results["dense_trained"]))
+        lines.append(line("—", "dense+train (reference)", results["dense_trained"]["seed"], results["dense_trained"]))
+    summary = []
     for pattern, block in results["patterns"].items():
         lines.append(line(pattern, "pruned (no repair)", "—", block["pruned"]))
         for row in block["rows"]:
             lines.append(line(pattern, row["method"], row["seed"], row, block["pruned"]))
+        for method in ("seft", "static"):
+            rows = [r for r in block["rows"] if r["method"] == method]
+            if len(rows) > 1:
+                cells = []
+                for key in ("ppl_in", "ppl_out"):
+                    vals = [r[key] for r in rows]
+                    gaps = [_gap(block["pruned"], dense, r, key) for r in rows]
+                    cells.append(f"{statistics.mean(vals):.2f} (min {min(vals):.2f}, max {max(vals):.2f}; gap {statistics.mean(gaps):.1%})")
+                summary.append(f"| {pattern} | {method} | {len(rows)} | " + " | ".join(cells) + " |")
+    if summary:
+        lines += ["", "Across seeds (mean, spread):", "", "| pattern | method | seeds | ppl in-domain | ppl out-of-domain |",
+                  "|---|---|---|---|---|", *summary]
+    if results.get("jobs", 1) > 1:
+        lines += ["", f"{results['jobs']} runs side by side, each on cores/{results['jobs']} threads: s/step is per run while the others ran."]
+    settings = results.get("settings") or {}
+    lines += ["", "Options beyond each method's defaults: " + (json.dumps(settings) if settings else "none")]
     return "\n".join(lines) + "\n\n" + results["protocol"].strip() + "\n"
 
 
