@@ -30,6 +30,9 @@ PATTERNS = os.environ.get("BENCH_PATTERNS", "0.7,2:4").split(",")
 METHODS = os.environ.get("BENCH_METHODS", "seft,static,masked-lora,lora-merge,seft-noregrow,lora-dense").split(",")
 NM_METHODS = os.environ.get("BENCH_NM_METHODS", ",".join(METHODS)).split(",")  # methods run on N:M patterns
 SEEDS = [int(s) for s in os.environ.get("BENCH_SEEDS", "0").split(",")]
+NM_SEEDS = [int(s) for s in os.environ.get("BENCH_NM_SEEDS", ",".join(map(str, SEEDS))).split(",")]
+TASK_METHODS = os.environ.get("BENCH_TASK_METHODS", ",".join(METHODS)).split(",")  # accuracies for these (first seed)
+RENDER_ONLY = os.environ.get("BENCH_RENDER_ONLY") == "1"  # table from the rows already measured
 PPL_WINDOWS = int(os.environ.get("BENCH_PPL_WINDOWS", 32))
 TASKS = os.environ.get("BENCH_TASKS", "piqa,arc_easy,winogrande")
 LIMIT = int(os.environ.get("BENCH_LIMIT", 300))
@@ -105,7 +108,7 @@ def worker(src: str, method: str, seed: int, out: str) -> dict:
            "regrown": sum(v.get("regrown", 0) for v in stats.values()),
            "positions_moved": sum(v.get("positions_left", 0) for v in stats.values())}
     del result
-    row.update(evaluate(out, tasks=seed == SEEDS[0]))
+    row.update(evaluate(out, tasks=seed == SEEDS[0] and method in TASK_METHODS and "dense-0" not in src))
     return row
 
 
@@ -115,6 +118,8 @@ def _spawn(args: list[str], key: str) -> dict:
     cached = WORK / "rows" / f"{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
+    if RENDER_ONLY:
+        return {}
     env = dict(os.environ)
     if JOBS > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // JOBS))
@@ -145,18 +150,21 @@ def main() -> None:
         jobs.append((f"dense-trained-s{SEEDS[0]}", ["--worker", str(_dense_as_pruned()), "static", str(SEEDS[0]), str(WORK / "dense-trained")]))
     for pattern, src in sources.items():
         jobs.append((src.name, ["--eval", str(src)]))
+        seeds = NM_SEEDS if ":" in pattern else SEEDS
         for method in NM_METHODS if ":" in pattern else METHODS:
-            for seed in SEEDS if method in ("seft", "static") else SEEDS[:1]:
+            for seed in seeds if method in ("seft", "static") else seeds[:1]:
                 name = f"{src.name}-{method}-s{seed}"
                 jobs.append((name, ["--worker", str(src), method, str(seed), str(WORK / name)]))
     with ThreadPoolExecutor(max_workers=JOBS) as pool:
         rows = dict(zip([k for k, _ in jobs], pool.map(lambda job: _spawn(job[1], job[0]), jobs)))
+    rows = {k: v for k, v in rows.items() if v}  # BENCH_RENDER_ONLY: what was measured
     results["dense"] = rows["dense"]
-    if DENSE_REF:
+    if f"dense-trained-s{SEEDS[0]}" in rows:
         results["dense_trained"] = rows[f"dense-trained-s{SEEDS[0]}"]
     for pattern, src in sources.items():
-        results["patterns"][pattern] = {"pruned": rows[src.name],
-                                        "rows": [rows[k] for k, _ in jobs if k.startswith(src.name + "-")]}
+        if src.name in rows:
+            results["patterns"][pattern] = {"pruned": rows[src.name],
+                                            "rows": [rows[k] for k, _ in jobs if k.startswith(src.name + "-") and k in rows]}
     print(_write(results))
 
 
