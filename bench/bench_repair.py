@@ -4,15 +4,20 @@ step budget, each run in its own process (peak memory and seconds per step are p
 Protocol (printed into results/repair.md):
 - pruned inputs: Wanda, calibration `shakespeare:calib` 128 × 512 tokens, seed 0, at each
   pattern in BENCH_PATTERNS (default: 70% unstructured and 2:4);
-- training: `shakespeare:train` (23 plays), BENCH_STEPS steps × 4 sequences × 256 tokens, one
-  seed per run (BENCH_SEEDS), each method's default learning rate;
+- training: BENCH_DATA (default `shakespeare:train`, 23 plays), BENCH_STEPS steps (default 40)
+  × 4 sequences × 256 tokens, warm-up 10 steps then cosine decay to 10%, seeds BENCH_SEEDS
+  (BENCH_NM_SEEDS on N:M patterns) for seft and static, the first seed for the other methods;
+  options beyond each method's defaults from BENCH_SETTINGS (JSON: method -> options), chosen on
+  `shakespeare:valid` only;
 - in-domain perplexity: `shakespeare:test` (5 tragedies, disjoint from calibration, training
   and validation); out-of-domain: LAMBADA passages; first BENCH_PPL_WINDOWS windows of 512;
 - gap closed = (ppl_pruned − ppl_method) / (ppl_pruned − ppl_dense);
-- accuracies: BENCH_TASKS, first BENCH_LIMIT eval items each, with standard errors;
-- final sparsity counted from the saved weights;
+- accuracies: BENCH_TASKS, first BENCH_LIMIT eval items each, with standard errors, for the
+  first seed of the methods in BENCH_TASK_METHODS;
+- final sparsity counted from the saved weights; s/step is the training loop only; peak RSS is
+  the run's process high-water mark;
 - reference row `dense+train`: the dense model trained (all weights of the target layers,
-  mask of ones) with the same data and budget.
+  mask of ones) with static's options, data and budget.
 """
 from __future__ import annotations
 
