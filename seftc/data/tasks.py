@@ -137,9 +137,14 @@ def _mmlu_items() -> list[MCItem]:
     return items
 
 
+def _bucket(item_id: str) -> int:
+    """An id's fixed bucket in 0..99: its SHA-256 read as a big-endian integer, mod 100."""
+    return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") % 100
+
+
 def in_train_part(item_id: str) -> bool:
     """The fixed split rule: about TRAIN_PERCENT% of ids, chosen by their SHA-256."""
-    return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") % 100 < TRAIN_PERCENT
+    return _bucket(item_id) < TRAIN_PERCENT
 
 
 @lru_cache(maxsize=None)
@@ -180,10 +185,6 @@ def load_task(name: str, part: str = "eval", limit: int | None = None) -> list[M
 COMMONSENSE = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 MIX_VALID_PERCENT = 4  # of all ids: the mix's validation share, carved out of the 20% train part
 MIX_SPLITS = ("train", "valid")
-
-
-def _bucket(item_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") % 100
 
 
 def answered(item: MCItem) -> str:
