@@ -79,6 +79,27 @@ def test_nm_swaps_keep_exact_group_counts():
     assert (active.view(-1, m).sum(1) == 2).all()
 
 
+def test_paying_prefix_pairs_best_gains_with_cheapest_evictions():
+    gain = torch.tensor([5.0, 3.0, 1.0, 0.5])
+    cost = torch.tensor([0.1, 2.0, 2.5, 9.0])
+    assert topology.paying_prefix(gain, cost) == 2
+    assert topology.paying_prefix(gain, torch.tensor([6.0])) == 0
+    assert topology.paying_prefix(gain[:1], cost) == 1
+    assert topology.paying_prefix(torch.empty(0), cost) == 0
+
+
+def test_nm_swaps_refuse_swaps_that_do_not_pay():
+    m = 4
+    active = torch.zeros(16, dtype=torch.bool)
+    active.view(-1, m)[:, :2] = True  # 2:4
+    grow = torch.tensor([2, 6, 10])  # one pruned candidate in each of groups 0, 1, 2
+    sens = torch.zeros(16)
+    sens.view(-1, m)[:, :2] = torch.tensor([[0.5, 0.2], [4.0, 3.0], [0.1, 0.9], [1.0, 1.0]])
+    gain = torch.tensor([1.0, 1.0, 1.0])
+    grown, removed = topology.nm_swaps(grow, torch.tensor([3.0, 2.0, 1.0]), active, sens, torch.zeros(16, dtype=torch.bool), m, gain)
+    assert grown.tolist() == [2, 10] and removed.tolist() == [1, 8]  # group 1's cheapest costs 3.0 > 1.0
+
+
 def test_drop_fraction_cosine():
     assert topology.drop_fraction(0, 100, 0.2) == pytest.approx(0.2)
     assert topology.drop_fraction(50, 100, 0.2) == pytest.approx(0.1)
@@ -118,10 +139,11 @@ def test_slot_adam_bias_correction_is_per_slot():
 
 # -- end to end ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["u70", "nm24"])
-def test_seft_keeps_exact_per_layer_sparsity_and_regrows(pruned, tmp_path, which):
+@pytest.mark.parametrize("reactivation", ["gain", "always"])
+def test_seft_keeps_exact_per_layer_sparsity_and_regrows(pruned, tmp_path, which, reactivation):
     src = pruned / which
     out = tmp_path / "r"
-    r = repair(str(src), method="seft", output=out, density=0.05, **QUICK)
+    r = repair(str(src), method="seft", output=out, density=0.05, reactivation=reactivation, **QUICK)
     assert _saved_nonzero(out) == _saved_nonzero(src)
     m = Manifest.load(out)
     regrown = sum(s["regrown"] for s in m.layer_stats.values())
@@ -132,7 +154,7 @@ def test_seft_keeps_exact_per_layer_sparsity_and_regrows(pruned, tmp_path, which
     # the mask moved: some positions left, as many entered
     assert sum(s["positions_left"] for s in m.layer_stats.values()) > 0
     assert r.history["eval_loss"][-1][1] < r.history["eval_loss"][0][1]
-    for key in ("density", "update_interval", "accumulation", "zeta0", "lr", "steps", "batch_size", "seqlen", "seed", "data"):
+    for key in ("density", "update_interval", "accumulation", "zeta0", "lr", "steps", "batch_size", "seqlen", "seed", "data", "reactivation"):
         assert key in m.config
 
 

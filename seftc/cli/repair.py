@@ -24,6 +24,8 @@ from seftc.cli.common import print_json, progress_bars, stderr, user_errors
 @click.option("--zeta0", type=float, default=0.2, show_default=True, help="SEFT: initial drop fraction (cosine-decayed).")
 @click.option("--protect", type=int, default=2, show_default=True, help="SEFT: updates a grown position is protected for.")
 @click.option("--init", type=click.Choice(["random", "gradient"]), default="random", show_default=True, help="SEFT: initial delta positions.")
+@click.option("--reactivation", type=click.Choice(["gain", "always"]), default="gain", show_default=True,
+              help="SEFT: grow into pruned positions only where the gain pays for the eviction, or always.")
 @click.option("--lora-r", type=int, default=8, show_default=True)
 @click.option("--eval-every", type=int, default=20, show_default=True)
 @click.option("--grad-checkpointing", is_flag=True, help="Activation checkpointing (less memory, more compute).")
@@ -34,7 +36,7 @@ from seftc.cli.common import print_json, progress_bars, stderr, user_errors
 @user_errors
 def repair(model: str, output: str, method: str, data: str, eval_data: str, steps: int, seqlen: int, batch_size: int,
            grad_accum: int, lr: float | None, seed: int, density: float, update_interval: int, accumulation: int, zeta0: float,
-           protect: int, init: str, lora_r: int, eval_every: int, grad_checkpointing: bool, checkpoint_every: int,
+           protect: int, init: str, reactivation: str, lora_r: int, eval_every: int, grad_checkpointing: bool, checkpoint_every: int,
            resume: bool, force: bool, as_json: bool) -> None:
     """Repair a pruned MODEL (written by `seftc prune`) while keeping its sparsity."""
     from seftc.repair.api import repair as run_repair
@@ -43,7 +45,7 @@ def repair(model: str, output: str, method: str, data: str, eval_data: str, step
     cfg = make_repair_config(
         method=method, data=data, eval_data=eval_data, steps=steps, seqlen=seqlen, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, seed=seed, density=density, update_interval=update_interval, accumulation=accumulation, zeta0=zeta0,
-        protect=protect, init=init, lora_r=lora_r, eval_every=eval_every, grad_checkpointing=grad_checkpointing,
+        protect=protect, init=init, reactivation=reactivation, lora_r=lora_r, eval_every=eval_every, grad_checkpointing=grad_checkpointing,
         checkpoint_every=checkpoint_every,
     )
     with progress_bars(not as_json) as bars:

@@ -35,6 +35,7 @@ class RepairConfig(BaseModel):
     protect: int = Field(2, ge=0)
     candidates: float = Field(1.0, gt=0)
     init: str = "random"
+    reactivation: str = "gain"
     # LoRA baselines
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = 16.0
@@ -51,6 +52,13 @@ class RepairConfig(BaseModel):
     def _init(cls, v: str) -> str:
         if v not in ("random", "gradient"):
             raise ValueError("init must be 'random' or 'gradient'")
+        return v
+
+    @field_validator("reactivation")
+    @classmethod
+    def _reactivation(cls, v: str) -> str:
+        if v not in ("gain", "always"):
+            raise ValueError("reactivation must be 'gain' or 'always'")
         return v
 
     @property

@@ -60,6 +60,7 @@ class SeftMethod:
         options = SeftOptions(
             density=self.cfg.density, update_interval=self.cfg.update_interval, accumulation=self.cfg.accumulation,
             zeta0=self.cfg.zeta0, protect=self.cfg.protect, regrow=self.regrow, candidates=self.cfg.candidates, init=self.cfg.init,
+            reactivation=self.cfg.reactivation,
         )
         self.controller = SeftController(layers, options, self.pattern, self.cfg.steps, self.cfg.learning_rate,
                                          self.cfg.weight_decay, self.reduce)

@@ -45,6 +45,19 @@ def select_grow(
     return pos[torch.topk(score, count, largest=True, sorted=True).indices]
 
 
+def paying_prefix(gain: torch.Tensor, cost: torch.Tensor) -> int:
+    """How many reactivations pay for their eviction. `gain` (descending) is the expected loss
+    decrease of each growth into a pruned position, `cost` (ascending) the loss increase of
+    evicting the cheapest active weights; pairing the i-th best growth with the i-th cheapest
+    eviction, the net change is worth taking while gain[i] > cost[i] (a prefix, since one falls
+    and the other rises)."""
+    n = min(gain.numel(), cost.numel())
+    if n == 0:
+        return 0
+    pays = gain[:n] > cost[:n]
+    return int(pays.long().cumprod(0).sum())
+
+
 def select_prune_back(active: torch.Tensor, sensitivity: torch.Tensor, protected: torch.Tensor, excess: int) -> torch.Tensor:
     """The `excess` active, unprotected positions of smallest sensitivity |W_eff ⊙ g|."""
     if excess <= 0:
@@ -63,27 +76,35 @@ def nm_swaps(
     sensitivity: torch.Tensor,
     protected: torch.Tensor,
     m: int,
+    gain: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """N:M growth as swaps. Among growth positions outside the active set, keep at most one per
     group of M (the highest scored); each kept one is paired with its group's least sensitive
     active, unprotected position, which gives up its place. Returns (grown, removed), equal
-    length, so every group keeps exactly its count of non-zeros."""
+    length, so every group keeps exactly its count of non-zeros. With `gain` (aligned with
+    `grow_pos`), a swap is kept only where the growth's gain exceeds the evicted position's
+    sensitivity."""
     outside = ~active[grow_pos]
     pos, score = grow_pos[outside], grow_score[outside]
+    gain = gain[outside] if gain is not None else None
     if pos.numel() == 0:
         return pos, pos
     groups = pos // m
     order = torch.argsort(score, descending=True, stable=True)
     pos, groups = pos[order], groups[order]
+    gain = gain[order] if gain is not None else None
     unique_groups, inverse = torch.unique(groups, return_inverse=True)
     first_idx = torch.full((unique_groups.numel(),), pos.numel(), dtype=torch.long)
     first_idx.scatter_reduce_(0, inverse, torch.arange(pos.numel()), reduce="amin")
     first = torch.zeros_like(groups, dtype=torch.bool)
     first[first_idx] = True
     pos, groups = pos[first], groups[first]
+    gain = gain[first] if gain is not None else None
     members = groups[:, None] * m + torch.arange(m)[None, :]
     eligible = active[members] & ~protected[members]
     sens = torch.where(eligible, sensitivity[members], torch.full(members.shape, float("inf")))
     best = sens.argmin(dim=1)
     has = eligible.any(dim=1)
+    if gain is not None:
+        has &= gain > sens.gather(1, best[:, None]).squeeze(1)
     return pos[has], members[has, best[has]]
