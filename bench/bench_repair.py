@@ -8,7 +8,8 @@ Protocol (printed into results/repair.md):
   × 4 sequences × 256 tokens, warm-up 10 steps then cosine decay to 10%, seeds BENCH_SEEDS
   (BENCH_NM_SEEDS on N:M patterns) for seft and static, the first seed for the other methods;
   options beyond each method's defaults from BENCH_SETTINGS (JSON: method -> options), chosen on
-  `shakespeare:valid` only;
+  `shakespeare:valid` only; a method written `seft@NAME` is a variant of `seft` with the options
+  of BENCH_SETTINGS["seft@NAME"];
 - in-domain perplexity: `shakespeare:test` (5 tragedies, disjoint from calibration, training
   and validation); out-of-domain: LAMBADA passages; first BENCH_PPL_WINDOWS windows of 512;
 - gap closed = (ppl_pruned − ppl_method) / (ppl_pruned − ppl_dense);
@@ -48,6 +49,7 @@ DENSE_REF = os.environ.get("BENCH_DENSE_REF", "1") == "1"
 # Runs side by side; with JOBS > 1 each run gets cores // JOBS threads (s/step is then per run
 # while the others run: compare rows of one benchmark, not across machines).
 JOBS = int(os.environ.get("BENCH_JOBS", 1))
+NAME = os.environ.get("BENCH_NAME", "repair")  # results/NAME.md and results/NAME.json
 
 
 def _pruned(pattern: str) -> Path:
@@ -104,7 +106,7 @@ def worker(src: str, method: str, seed: int, out: str) -> dict:
     from seftc.repair.api import repair
 
     options = SETTINGS.get(method, {})
-    result = repair(src, method=method, seed=seed, steps=STEPS, data=DATA, output=out, force=True, eval_every=0,
+    result = repair(src, method=method.split("@")[0], seed=seed, steps=STEPS, data=DATA, output=out, force=True, eval_every=0,
                     allow_dense=True, **options)
     cfg = result.manifest.config
     stats = result.manifest.layer_stats or {}
@@ -138,9 +140,9 @@ def _spawn(args: list[str], key: str) -> dict:
 
 def _write(results: dict) -> str:
     (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "repair.json").write_text(json.dumps(results, indent=2) + "\n")
+    (ROOT / "results" / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
     text = render(results)
-    (ROOT / "results" / "repair.md").write_text(text)
+    (ROOT / "results" / f"{NAME}.md").write_text(text)
     return text
 
 
@@ -157,7 +159,7 @@ def main() -> None:
         jobs.append((src.name, ["--eval", str(src)]))
         seeds = NM_SEEDS if ":" in pattern else SEEDS
         for method in NM_METHODS if ":" in pattern else METHODS:
-            for seed in seeds if method in ("seft", "static") else seeds[:1]:
+            for seed in seeds if method.split("@")[0] in ("seft", "static") else seeds[:1]:
                 name = f"{src.name}-{method}-s{seed}"
                 jobs.append((name, ["--worker", str(src), method, str(seed), str(WORK / name)]))
     with ThreadPoolExecutor(max_workers=JOBS) as pool:
@@ -210,7 +212,7 @@ def render(results: dict) -> str:
         lines.append(line(pattern, "pruned (no repair)", "—", block["pruned"]))
         for row in block["rows"]:
             lines.append(line(pattern, row["method"], row["seed"], row, block["pruned"]))
-        for method in ("seft", "static"):
+        for method in dict.fromkeys(r["method"] for r in block["rows"]):
             rows = [r for r in block["rows"] if r["method"] == method]
             if len(rows) > 1:
                 cells = []

@@ -50,7 +50,7 @@ class SeftLinear(nn.Module):
             self.bias.requires_grad_(False)
         self.register_buffer("active", active.reshape(-1).clone())
         self.target = int(self.active.sum())
-        slots = torch.full((k,), -1, dtype=torch.long)
+        slots = torch.full((k,), -1, dtype=torch.int32)  # positions < 2**31 per layer; half of int64's memory
         slots[: init_pos.numel()] = init_pos
         self.register_buffer("slots", slots)
         self.delta = nn.Parameter(torch.zeros(k, dtype=torch.float32))

@@ -18,6 +18,9 @@ class SlotState:
     t: torch.Tensor  # per-slot step count (float, for the power)
 
 
+CHUNK = 1 << 20  # slots per elementwise pass: the step's temporaries stay ~16 MiB, not k-sized
+
+
 class SlotAdamW:
     def __init__(self, params: list[torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         self.params = params
@@ -31,15 +34,16 @@ class SlotAdamW:
         for p, s in zip(self.params, self.state):
             if p.grad is None:
                 continue
-            g = p.grad
-            s.t += 1
-            s.m.mul_(b1).add_(g, alpha=1 - b1)
-            s.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = s.m / (1 - b1**s.t)
-            v_hat = s.v / (1 - b2**s.t)
-            if self.weight_decay:
-                p.mul_(1 - lr * self.weight_decay)
-            p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+            for i in range(0, p.numel(), CHUNK):
+                sl = slice(i, i + CHUNK)
+                w, g, m, v, t = p.data[sl], p.grad[sl], s.m[sl], s.v[sl], s.t[sl]
+                t += 1
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                if self.weight_decay:
+                    w.mul_(1 - lr * self.weight_decay)
+                denom = (v / (1 - b2**t)).sqrt_().add_(self.eps)
+                w.addcdiv_(m / (1 - b1**t), denom, value=-lr)
 
     def zero_grad(self) -> None:
         for p in self.params:

@@ -96,7 +96,7 @@ class SeftController:
         self.layers, self.options, self.pattern, self.total_steps = layers, options, pattern, total_steps
         self.names = list(layers)
         self.optimizer = SlotAdamW([l.delta for l in layers.values()], lr=lr, weight_decay=weight_decay)
-        self.state = {n: _LayerState(torch.full((l.delta.numel(),), -(10**9), dtype=torch.long)) for n, l in layers.items()}
+        self.state = {n: _LayerState(torch.full((l.delta.numel(),), -(10**9), dtype=torch.int32)) for n, l in layers.items()}
         self.update_index = 0
         self.step = 0
         self.micro = 0
@@ -240,7 +240,7 @@ class SeftController:
             regrown = int((~layer.active[p.grow]).sum())
             layer.active[p.grow] = True
             free_slots = (layer.slots < 0).nonzero().flatten()[: p.grow.numel()]
-            layer.slots[free_slots] = p.grow[: free_slots.numel()]
+            layer.slots[free_slots] = p.grow[: free_slots.numel()].to(layer.slots.dtype)
             layer.delta.data[free_slots] = 0
             st.birth[free_slots] = self.update_index
             self.optimizer.reset_slots(i, free_slots)
