@@ -187,7 +187,7 @@ def render(results: dict) -> str:
     tasks = list(dense.get("tasks", {}))
     head = ("| pattern | method | seed | lr | trainable | ppl in-domain | gap closed | ppl out-of-domain | gap closed | "
             + " | ".join(tasks) + " | sparsity (saved) | regrown | s/step | peak RSS MiB |")
-    lines = [f"## Repair (`make bench-repair`, {results['steps']} steps × 4 × 256 tokens of {results.get('data', 'shakespeare:train')})",
+    lines = [f"## Repair ({results['steps']} steps × 4 × 256 tokens of {results.get('data', 'shakespeare:train')}; results/{NAME}.md)",
              "", head, "|" + "---|" * (13 + len(tasks))]
 
     def acc(row):
