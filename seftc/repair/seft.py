@@ -21,10 +21,12 @@ Decisions left open by the spec, and ours:
   Pairing the best growths with the cheapest evictions, the paying prefix is kept; slots not
   taken by a paying reactivation go to the next candidates inside A. Under N:M each swap is
   kept only where the growth's gain exceeds the evicted weight's sensitivity. `"always"` is the
-  spec's plain rule (every top-scored candidate is grown, whatever it evicts). Why: measured on
-  the validation split, the plain rule reactivated ~3.5% of the active weights in 40 steps and
-  did worse than no reactivation at all (each eviction removes a weight Wanda kept, and its
-  replacement starts from 0).
+  spec's plain rule (every top-scored candidate is grown, whatever it evicts). Why: the plain
+  rule reactivated ~3.5% of the active weights in 40 steps on SmolLM2 at 70%, and SEFT without
+  reactivation did better. Measured since: this rule refuses only ~2% of those reactivations
+  (the first-order sensitivity of most small kept weights is near zero), and reactivation still
+  costs quality (results/repair-tuning.md, results/repair-140.md); a loss-scaled (second-order)
+  eviction cost is the next thing to try.
 - Refill: slots a growth could not fill (too few candidates, an N:M swap refused) take the next
   best candidates inside A in the same update.
 - Protection: positions grown at update u cannot be dropped or pruned back before update
