@@ -1,6 +1,8 @@
 """Typed configuration of repair (the `repair` stage of a recipe)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from seftc.errors import SeftcError, validated
@@ -35,8 +37,8 @@ class RepairConfig(BaseModel):
     zeta0: float = Field(0.2, ge=0, le=1)
     protect: int = Field(2, ge=0)
     candidates: float = Field(1.0, gt=0)
-    init: str = "random"
-    reactivation: str = "gain"
+    init: Literal["random", "gradient"] = "random"
+    reactivation: Literal["gain", "always"] = "gain"
     # LoRA baselines
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = 16.0
@@ -46,20 +48,6 @@ class RepairConfig(BaseModel):
     def _known(cls, v: str) -> str:
         if v not in METHODS:
             raise ValueError(f"unknown repair method {v!r}; choose one of {', '.join(METHODS)}")
-        return v
-
-    @field_validator("init")
-    @classmethod
-    def _init(cls, v: str) -> str:
-        if v not in ("random", "gradient"):
-            raise ValueError("init must be 'random' or 'gradient'")
-        return v
-
-    @field_validator("reactivation")
-    @classmethod
-    def _reactivation(cls, v: str) -> str:
-        if v not in ("gain", "always"):
-            raise ValueError("reactivation must be 'gain' or 'always'")
         return v
 
     @property

@@ -23,8 +23,8 @@ Decisions left open by the spec, and ours:
   kept only where the growth's gain exceeds the evicted weight's sensitivity. `"always"` is the
   spec's plain rule (every top-scored candidate is grown, whatever it evicts). Why: the plain
   rule reactivated ~3.5% of the active weights in 40 steps on SmolLM2 at 70%, and SEFT without
-  reactivation did better. Measured since: this rule refuses only ~2% of those reactivations
-  (the first-order sensitivity of most small kept weights is near zero), and reactivation still
+  reactivation did better. Measured since: it reactivates only ~2% fewer positions than the plain
+  rule (the first-order sensitivity of most small kept weights is near zero), and reactivation still
   costs quality (results/repair-tuning.md, results/repair-140.md); a loss-scaled (second-order)
   eviction cost is the next thing to try.
 - Refill: slots a growth could not fill (too few candidates, an N:M swap refused) take the next
