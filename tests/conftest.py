@@ -73,3 +73,64 @@ def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text(_TEXT * 4)
     return path
+
+
+def write_foreign_ct_folder(src: Path, state: dict, folder: Path) -> Path:
+    """A folder as compressed-tensors' own tools write it (`sparse-bitmask` for every `*proj.weight`,
+    its config block, no seftc metadata or marker), from model folder `src` with weights `state`;
+    tokenizer files are copied along."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    tensors, targets = {}, []
+    for name, w in state.items():
+        if name.endswith("proj.weight"):
+            prefix = name[: -len(".weight")]
+            mask = w != 0
+            counts = mask.sum(1)
+            tensors.update({f"{prefix}.shape": torch.tensor(list(w.shape)), f"{prefix}.compressed": w[mask],
+                            f"{prefix}.bitmask": torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little")),
+                            f"{prefix}.row_offsets": counts.cumsum(0) - counts})
+            targets.append(prefix)
+        else:
+            tensors[name] = w
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "dense",
+                                     "sparsity_config": {"format": "sparse-bitmask", "targets": targets, "ignore": []}}
+    (folder / "config.json").write_text(json.dumps(config))
+    for side in src.iterdir():
+        if side.name.startswith("tokenizer") or side.name == "special_tokens_map.json":
+            (folder / side.name).write_bytes(side.read_bytes())
+    return folder
+
+
+def pruned_tiny_llama(folder: Path, pattern: str = "unstructured", negative_zeros: bool = False) -> dict:
+    """A tiny LLaMA (vocab 128, no tokenizer) whose Linear layers but lm_head are pruned to 50 %
+    (`unstructured`) or 2:4, saved to `folder`; returns its state dict."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                w = module.weight
+                if pattern == "2:4":
+                    g = w.view(w.shape[0], -1, 4)
+                    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(2, g.abs().topk(2, -1).indices, True).view_as(w)
+                else:
+                    keep = w.abs() > w.abs().median()
+                if negative_zeros:
+                    w.mul_(keep)  # what `weight * mask` pruning does: -0.0 where negatives were cut
+                else:
+                    w.masked_fill_(~keep, 0.0)
+    model.save_pretrained(folder)
+    return {k: v.clone() for k, v in model.state_dict().items()}

@@ -10,44 +10,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import pruned_tiny_llama, write_foreign_ct_folder
 from seftc.cli.main import cli
 from seftc.errors import FormatError
-
-
-def _tiny_llama(folder: Path, pattern: str = "unstructured", negative_zeros: bool = False) -> dict[str, torch.Tensor]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                w = module.weight
-                if pattern == "2:4":
-                    g = w.view(w.shape[0], -1, 4)
-                    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(2, g.abs().topk(2, -1).indices, True).view_as(w)
-                else:
-                    keep = w.abs() > w.abs().median()
-                if negative_zeros:
-                    w.mul_(keep)  # what `weight * mask` pruning does: -0.0 where negatives were cut
-                else:
-                    w.masked_fill_(~keep, 0.0)
-    model.save_pretrained(folder)
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    return folder, _tiny_llama(folder)
+    return folder, pruned_tiny_llama(folder)
 
 
 @pytest.fixture(scope="module")
 def tiny24(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     folder = tmp_path_factory.mktemp("tiny24") / "model"
-    return folder, _tiny_llama(folder, "2:4")
+    return folder, pruned_tiny_llama(folder, "2:4")
 
 
 def run(*args: str, ok: bool = True):
@@ -124,28 +101,8 @@ def test_ct_config_and_layout(tiny, tmp_path):
 
 def test_unpack_foreign_compressed_tensors_folder(tiny, tmp_path):
     """A folder as compressed-tensors writes it: its tensors, its config, no seftc metadata."""
-    from safetensors.torch import save_file
-
     src, state = tiny
-    folder = tmp_path / "foreign"
-    folder.mkdir()
-    tensors, targets = {}, []
-    for name, w in state.items():
-        if name.endswith("proj.weight"):
-            prefix = name[: -len(".weight")]
-            mask = w != 0
-            counts = mask.sum(1)
-            tensors.update({f"{prefix}.shape": torch.tensor(list(w.shape)), f"{prefix}.compressed": w[mask],
-                            f"{prefix}.bitmask": torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little")),
-                            f"{prefix}.row_offsets": counts.cumsum(0) - counts})
-            targets.append(prefix)
-        else:
-            tensors[name] = w
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "dense",
-                                     "sparsity_config": {"format": "sparse-bitmask", "targets": targets, "ignore": []}}
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = write_foreign_ct_folder(src, state, tmp_path / "foreign")
     run("unpack", str(folder), "-o", str(tmp_path / "dense"))
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
     assert_loads_identical(tmp_path / "dense", state)
@@ -153,7 +110,7 @@ def test_unpack_foreign_compressed_tensors_folder(tiny, tmp_path):
 
 def test_negative_zeros(tmp_path):
     src = tmp_path / "negzero"
-    state = _tiny_llama(src, negative_zeros=True)
+    state = pruned_tiny_llama(src, negative_zeros=True)
     result = run("pack", str(src), "-o", str(tmp_path / "p"), "--format", "bitmask", "--json")
     assert "-0.0" in result.stderr and json.loads(result.stdout)["warnings"]
     run("unpack", str(tmp_path / "p"), "-o", str(tmp_path / "u"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import print_json, stderr, stdout, user_errors
+from seftc.cli.common import note_checksums, print_json, stderr, stdout, user_errors
 from seftc.errors import SeftcError
 
 
@@ -33,9 +33,10 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: torch's).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of the speedups.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
 @user_errors
 def bench(model: str, device: str, batch: str, dtype: str, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int,
-          max_layers: int, all_layers: bool, threads: int | None, plot: str | None, as_json: bool) -> None:
+          max_layers: int, all_layers: bool, threads: int | None, plot: str | None, as_json: bool, trust_remote_code: bool) -> None:
     """Time MODEL (a pruned or packed folder) dense and on the sparse runtime: per-layer kernels,
     prefill of N tokens, decode per token, memory; speedup = dense / sparse, same run."""
     import torch
@@ -46,7 +47,9 @@ def bench(model: str, device: str, batch: str, dtype: str, prompt_tokens: int, n
     batches = _batches(batch)
     if device == "cuda" and not torch.cuda.is_available():
         raise SeftcError("--device cuda: no CUDA device is visible; use --device cpu")
-    pair = load_runtime_pair(model, dtype)
+    pair = load_runtime_pair(model, dtype, trust_remote_code=trust_remote_code)
+    if pair.checksums:
+        note_checksums(pair.checksums)
     cfg = BenchConfig(batches=batches, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
                       max_layers=None if all_layers else max_layers, threads=threads)
     with stderr.status("benchmarking dense vs sparse…") if not as_json else _null():
@@ -57,6 +60,7 @@ def bench(model: str, device: str, batch: str, dtype: str, prompt_tokens: int, n
         out = result.to_json()
         out["model"] = model
         out["source"] = pair.source
+        out["checksums"] = pair.checksums
         out["sparse_layers"] = len(pair.conversion.converted)
         print_json(out)
         return

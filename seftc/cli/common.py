@@ -40,6 +40,14 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def note_checksums(status: str) -> None:
+    """Say on stderr when a packed folder was read without checksums (formats/README.md)."""
+    if status != "verified":
+        from seftc.formats.packing import FOREIGN_NOTE
+
+        click.echo(f"note: {FOREIGN_NOTE}", err=True)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 

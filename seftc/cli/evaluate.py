@@ -19,9 +19,10 @@ from seftc.cli.common import print_json, progress_bars, stdout, user_errors
 @click.option("--norm", type=click.Choice(["bytes", "tokens", "none"]), default="bytes", show_default=True,
               help="Length normalisation of choice log-likelihoods: per UTF-8 byte (lm-eval acc_norm style), per token, or none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
 @user_errors
 def evaluate(model: str, ppl_source: str | None, tasks: str | None, limit: int | None, seqlen: int,
-             stride: int | None, batch_size: int | None, norm: str, as_json: bool) -> None:
+             stride: int | None, batch_size: int | None, norm: str, as_json: bool, trust_remote_code: bool) -> None:
     """Perplexity and zero-shot accuracy of MODEL (a folder, .safetensors, .gguf, or 'default')."""
     from seftc.data.corpus import DEFAULT_PPL, load_text
     from seftc.data.tasks import check_task_names
@@ -43,7 +44,7 @@ def evaluate(model: str, ppl_source: str | None, tasks: str | None, limit: int |
 
     hf_logging.disable_progress_bar()  # stderr carries only our bars, or one error line
     hf_logging.set_verbosity_error()
-    loaded = load_model(model)
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
     if loaded.tokenizer is None:
         raise SeftcError(f"{model} has no tokenizer; save one beside the model (tokenizer.json / tokenizer_config.json)")
     ppl = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import print_json, stderr, user_errors
+from seftc.cli.common import note_checksums, print_json, stderr, user_errors
 from seftc.errors import SeftcError
 
 
@@ -16,8 +16,10 @@ from seftc.errors import SeftcError
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: torch's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
 @user_errors
-def generate(model: str, prompt: str, max_new_tokens: int, dtype: str, dense: bool, chat: bool, threads: int | None, as_json: bool) -> None:
+def generate(model: str, prompt: str, max_new_tokens: int, dtype: str, dense: bool, chat: bool, threads: int | None, as_json: bool,
+             trust_remote_code: bool) -> None:
     """Greedy generation from MODEL (a pruned or packed folder) on the sparse runtime."""
     import torch
 
@@ -26,13 +28,15 @@ def generate(model: str, prompt: str, max_new_tokens: int, dtype: str, dense: bo
 
     if threads:
         torch.set_num_threads(threads)
-    pair = load_runtime_pair(model, dtype, need_dense=dense)
+    pair = load_runtime_pair(model, dtype, need_dense=dense, trust_remote_code=trust_remote_code)
+    if pair.checksums:
+        note_checksums(pair.checksums)
     if pair.tokenizer is None:
         raise SeftcError(f"{model} has no tokenizer files; seftc generate needs one to turn the prompt into tokens")
     result = run(pair.dense if dense else pair.sparse, pair.tokenizer, prompt, max_new_tokens, chat=chat)
     if as_json:
         print_json({"prompt": prompt, "text": result.text, "tokens": result.tokens, "seconds": result.seconds,
-                    "tokens_per_s": result.tokens_per_s, "runtime": "dense" if dense else "sparse"})
+                    "tokens_per_s": result.tokens_per_s, "runtime": "dense" if dense else "sparse", "checksums": pair.checksums})
         return
     click.echo(result.text)
     stderr.print(f"[dim]{len(result.tokens)} tokens in {result.seconds:.2f} s ({result.tokens_per_s:.1f} tok/s, "

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from seftc.cli.common import print_json, progress_bars, stderr, user_errors
+from seftc.cli.common import note_checksums, print_json, progress_bars, stderr, user_errors
 
 FORMATS = ["auto", "2:4", "bitmask", "csr", "rice", "ct-sparse-bitmask", "ct-sparse-24-bitmask"]
 
@@ -18,13 +18,14 @@ FORMATS = ["auto", "2:4", "bitmask", "csr", "rice", "ct-sparse-bitmask", "ct-spa
 @click.option("--exact-zeros", is_flag=True, help="Keep -0.0 weights as stored values (bit-exact; costs space).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object on stdout.")
+@click.option("--trust-remote-code", is_flag=True, help="Accept a MODEL whose config.json names its own code (pack never runs it).")
 @user_errors
-def pack(model: str, output: str, fmt: str, exact_zeros: bool, force: bool, as_json: bool) -> None:
+def pack(model: str, output: str, fmt: str, exact_zeros: bool, force: bool, as_json: bool, trust_remote_code: bool) -> None:
     """Store MODEL's sparse weights in compact formats (dense tensors stay dense)."""
     from seftc.formats.packing import pack_folder
 
     with progress_bars(sys.stderr.isatty() and not as_json) as bars:
-        result = pack_folder(model, output, fmt, force=force, exact_zeros=exact_zeros, progress=bars)
+        result = pack_folder(model, output, fmt, force=force, exact_zeros=exact_zeros, trust_remote_code=trust_remote_code, progress=bars)
     for w in result.warnings:
         stderr.print(f"[yellow]note:[/yellow] {w}")
     s = result.summary()
@@ -49,6 +50,7 @@ def unpack(packed: str, output: str, force: bool, as_json: bool) -> None:
 
     with progress_bars(sys.stderr.isatty() and not as_json) as bars:
         result = unpack_folder(packed, output, force=force, progress=bars)
+    note_checksums(result.checksums)
     if as_json:
         print_json(result.summary())
     else:

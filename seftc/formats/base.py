@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -36,6 +37,37 @@ _NP_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 MAX_DIM = 1 << 40  # no real weight has a dimension anywhere near this
 MAX_DENSE_BYTES = 1 << 36  # refuse to materialise a dense tensor above 64 GiB (see formats/README.md)
+# A sparse tensor's dense form may be at most MAX_EXPANSION times its component bytes (tensors up to
+# EXPANSION_FLOOR bytes dense are exempt): what a file can justify. Honest tensors stay far below it
+# (rice at 99.99 % sparsity, float32: ~7000x); the writer never produces one above it.
+MAX_EXPANSION = 1 << 16
+EXPANSION_FLOOR = 1 << 20
+RESERVED_NAMES = ("__metadata__",)  # safetensors' header key; never a tensor name
+
+
+def memory_limit() -> int:
+    """The most bytes a reader will allocate for one dense tensor: this machine's physical memory."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return MAX_DENSE_BYTES
+
+
+def justified(dense_bytes: int, payload_bytes: int) -> bool:
+    """Whether `payload_bytes` of components may decode to `dense_bytes` (formats/README.md, Limits)."""
+    return dense_bytes <= max(EXPANSION_FLOOR, MAX_EXPANSION * payload_bytes)
+
+
+def name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a stored tensor's name (formats/README.md, The container), or None."""
+    if not isinstance(name, str) or not name:
+        return "is empty"
+    if name in RESERVED_NAMES:
+        return "is reserved by safetensors"
+    bad = next((ch for ch in name if ch in "/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F), None)
+    if bad is not None:
+        return f"contains {bad!r} (no path separators or control characters)"
+    return None
 
 
 def st_name(dtype: torch.dtype) -> str:
@@ -208,6 +240,7 @@ class PackedTensor:
     dtype: torch.dtype
     components: dict[str, torch.Tensor]
     params: dict[str, int] = field(default_factory=dict)
+    foreign: bool = False  # read from a file without seftc metadata (compressed-tensors' own writer)
 
     @property
     def codec(self) -> "Codec":
@@ -234,7 +267,7 @@ class PackedTensor:
 
     def to(self, device: Any) -> "PackedTensor":
         comps = {k: v.to(device) for k, v in self.components.items()}
-        return PackedTensor(self.format, self.shape, self.dtype, comps, dict(self.params))
+        return PackedTensor(self.format, self.shape, self.dtype, comps, dict(self.params), self.foreign)
 
 
 class Codec:
@@ -257,6 +290,12 @@ class Codec:
         """Payload bytes of `a` in this format, or None when the format cannot hold it."""
         raise NotImplementedError
 
+    def fits(self, a: Analysis) -> bool:
+        """Whether this format holds `a` within the readers' limits: the pattern fits (nbytes is
+        known) and the dense size is justified by the payload (see `justified`)."""
+        size = self.nbytes(a)
+        return size is not None and (not self.sparse or justified(a.dense_bytes, size))
+
     def min_bytes(self, a: Analysis) -> int:
         """A cheap lower bound of nbytes (where nbytes is costly), to skip hopeless candidates."""
         return 0
@@ -273,8 +312,9 @@ class Codec:
 
     def from_dense(self, tensor: torch.Tensor | Analysis) -> PackedTensor:
         a = tensor if isinstance(tensor, Analysis) else Analysis(tensor)
-        if self.nbytes(a) is None:
-            raise FormatError(f"a tensor of shape {[a.rows, a.cols]} does not fit format {self.name!r}")
+        if not self.fits(a):
+            raise FormatError(f"a tensor of shape {[a.rows, a.cols]} does not fit format {self.name!r}"
+                              f"{'' if self.nbytes(a) is None else ' (too few non-zeros to justify its size; formats/README.md, Limits)'}")
         return self.encode(a)
 
     def decode(self, p: PackedTensor, name: str = "<tensor>") -> torch.Tensor:
@@ -298,6 +338,12 @@ class Codec:
         dense = math.prod(p.shape) * p.dtype.itemsize
         if dense > MAX_DENSE_BYTES:
             err(f"shape {list(p.shape)} would need {dense} bytes dense, over the {MAX_DENSE_BYTES}-byte reader limit")
+        if self.sparse and not justified(dense, p.nbytes):
+            err(f"shape {list(p.shape)} is not justified by the file: {dense} bytes dense from {p.nbytes} bytes of components, "
+                f"over the {MAX_EXPANSION}:1 expansion limit (formats/README.md, Limits); the file is forged or corrupt")
+        if dense > memory_limit():
+            err(f"shape {list(p.shape)} would need {dense / 2**30:.1f} GiB dense, more than this machine's memory "
+                f"({memory_limit() / 2**30:.1f} GiB)")
         if sorted(p.params) != sorted(self.params):
             err(f"params {sorted(p.params)} are not {sorted(self.params)}")
 
@@ -335,6 +381,11 @@ class Errors:
             self(f"component {comp!r} holds a value of 2^63 or more")
         return a.astype(np.int64)
 
+    def no_zero_values(self, comp: str, values: np.ndarray) -> None:
+        """Stored values are the non-zeros: +0.0 (all bits zero) among them is a second encoding."""
+        if values.size and not values.all():
+            self(f"component {comp!r} stores +0.0 as a value; zeros are never stored (non-canonical encoding)")
+
     def offsets(self, comp: str, offs: np.ndarray, total: int, what: str = "values") -> None:
         """offs must start at 0, never decrease and end at `total`."""
         if offs.size == 0 or int(offs[0]) != 0:
@@ -347,7 +398,10 @@ class Errors:
 
 def scatter_dense(shape: tuple[int, ...], dtype: torch.dtype, flat_index: np.ndarray, values: np.ndarray) -> torch.Tensor:
     """A dense tensor of `shape` with `values` (raw bits) at row-major `flat_index`."""
-    out = np.zeros(math.prod(shape), dtype=_NP_UINT[dtype.itemsize])
+    try:
+        out = np.zeros(math.prod(shape), dtype=_NP_UINT[dtype.itemsize])
+    except MemoryError:
+        raise FormatError(f"not enough memory for a dense {list(shape)} tensor ({math.prod(shape) * dtype.itemsize / 2**30:.1f} GiB)") from None
     out[flat_index] = values.reshape(-1)
     return torch.from_numpy(out.view(_np_signed(dtype.itemsize))).view(dtype).reshape(shape)
 

@@ -29,6 +29,7 @@ class Bitmask(Codec):
         rows, cols = p.shape
         mask = err.comp(p, "mask", (torch.uint8,), (rows, (cols + 7) // 8))
         values = err.comp(p, "values", (p.dtype,), ndim=1)
+        err.no_zero_values("values", values)
         offs = err.index(p, "row_offsets", (rows + 1,), width_for=values.size)
         if not padding_is_zero(mask, cols):
             err("component 'mask' has bits set past the last column")

@@ -27,6 +27,7 @@ class CSR(Codec):
     def _decode(self, p: PackedTensor, err: Errors) -> torch.Tensor:
         rows, cols = p.shape
         values = err.comp(p, "values", (p.dtype,), ndim=1)
+        err.no_zero_values("values", values)
         nnz = values.size
         col = err.index(p, "col_indices", (nnz,), width_for=max(cols - 1, 0))
         ptr = err.index(p, "row_ptr", (rows + 1,), width_for=nnz)

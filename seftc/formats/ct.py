@@ -26,20 +26,24 @@ _INTS = (torch.int64, torch.int32)
 
 
 class _CtCodec(Codec):
+    shape_dims: tuple[int, ...]  # the `shape` component's shape as seftc writes it
     def key(self, name: str, comp: str) -> str:
         prefix = name[: -len(".weight")] if name.endswith(".weight") else name
         return f"{prefix}.{comp}"
 
     def _shape(self, p: PackedTensor, err: Errors) -> None:
         t = p.components["shape"]
-        err.comp(p, "shape", _INTS)
+        err.comp(p, "shape", _INTS if p.foreign else (torch.int64,))
         if t.numel() != 2 or t.dim() not in (1, 2) or [int(v) for v in t.reshape(-1)] != list(p.shape):
             err(f"component 'shape' is {t.reshape(-1).tolist()[:4]}, not the tensor's shape {list(p.shape)}")
+        if not p.foreign and tuple(t.shape) != self.shape_dims:
+            err(f"component 'shape' has shape {list(t.shape)}, expected {list(self.shape_dims)}")
 
 
 class CtBitmask(_CtCodec):
     name = "ct-sparse-bitmask"
     components = ("shape", "compressed", "bitmask", "row_offsets")
+    shape_dims = (2,)
 
     def nbytes(self, a: Analysis) -> int:
         return 16 + a.nnz * a.itemsize + a.rows * ((a.cols + 7) // 8) + 8 * a.rows
@@ -57,9 +61,10 @@ class CtBitmask(_CtCodec):
         self._shape(p, err)
         mask = err.comp(p, "bitmask", (torch.uint8,), (rows, (cols + 7) // 8))
         t = p.components["compressed"]
-        if t.dim() != 1 and not (t.dim() == 2 and t.shape[0] == 1):
+        if t.dim() != 1 and not (p.foreign and t.dim() == 2 and t.shape[0] == 1):
             err(f"component 'compressed' has shape {list(t.shape)}, expected one dimension")
         values = err.comp(p, "compressed", (p.dtype,)).reshape(-1)
+        err.no_zero_values("compressed", values)
         starts = _signed(p, "row_offsets", err, rows)
         if not padding_is_zero(mask, cols):
             err("component 'bitmask' has bits set past the last column")
@@ -75,6 +80,7 @@ class CtBitmask(_CtCodec):
 class Ct24Bitmask(_CtCodec):
     name = "ct-sparse-24-bitmask"
     components = ("shape", "compressed", "bitmask")
+    shape_dims = (2, 1)
 
     def nbytes(self, a: Analysis) -> int | None:
         if not a.is_24:
@@ -102,7 +108,11 @@ class Ct24Bitmask(_CtCodec):
         bits = unpack_bits(mask, cols)
         if bool((bits.reshape(rows, cols // 4, 4).sum(-1) != 2).any()):
             err("component 'bitmask' has a group of four without exactly two bits set")
-        return scatter_dense((rows, cols), p.dtype, np.flatnonzero(bits), values)
+        out = scatter_dense((rows, cols), p.dtype, np.flatnonzero(bits), values)
+        # compressed-tensors keeps zeros by topk's tie-breaking; seftc's files keep the lowest-index ones
+        if not p.foreign and not np.array_equal(Analysis(out).keep24(KEEP24_MASK), mask):
+            err("component 'bitmask' is not canonical: a group keeps a zero other than its lowest-index ones (formats/ct.md)")
+        return out
 
 
 def _signed(p: PackedTensor, comp: str, err: Errors, rows: int) -> np.ndarray:

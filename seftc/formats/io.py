@@ -25,7 +25,7 @@ from typing import IO, Any, Iterator
 import torch
 
 from seftc.errors import FormatError, SeftcError
-from seftc.formats.base import ST_DTYPES, VALUE_DTYPES, PackedTensor, raw_bytes, st_name
+from seftc.formats.base import ST_DTYPES, VALUE_DTYPES, PackedTensor, name_problem, raw_bytes, st_name
 from seftc.formats.dense import DENSE
 from seftc.formats.registry import get_codec
 
@@ -84,6 +84,9 @@ class PackedWriter:
         """Store one tensor: a PackedTensor in its format, a plain tensor as `dense`."""
         if isinstance(packed, torch.Tensor):
             packed = DENSE.wrap(packed)
+        problem = name_problem(name)
+        if problem:
+            raise FormatError(f"tensor name {name!r} {problem}; it cannot be stored")
         if name in self.entries:
             raise SeftcError(f"tensor {name!r} is written twice")
         codec = packed.codec
@@ -184,11 +187,19 @@ class PackedReader:
         if META_TENSORS in meta:
             self.entries = self._parse(meta)
             self.checksummed = True
+        elif any(k.startswith("seftc.") for k in meta):
+            seftc_keys = sorted(k for k in meta if k.startswith("seftc."))
+            self._fail(f"was written by seftc (metadata {', '.join(seftc_keys)}) but its '{META_TENSORS}' checksums are gone; "
+                       "refusing to read it unverified")
         elif legacy is not None:
             self.entries = self._legacy(keys, legacy)
             self.checksummed = False
         else:
             raise FormatError(f"{self.path}: has no '{META_TENSORS}' metadata; it was not written by seftc")
+        for name in self.entries:
+            problem = name_problem(name)
+            if problem:
+                self._fail(f"tensor name {name!r} {problem}")
         self._check_keys()
 
     def __enter__(self) -> "PackedReader":
@@ -210,7 +221,9 @@ class PackedReader:
         if meta.get(META_CONTAINER) != CONTAINER_VERSION:
             self._fail(f"container version {meta.get(META_CONTAINER)!r} is not supported (expected {CONTAINER_VERSION!r})")
         try:
-            raw = json.loads(meta[META_TENSORS])
+            raw = json.loads(meta[META_TENSORS], object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            self._fail(f"metadata '{META_TENSORS}' names {str(e)!r} twice")
         except (ValueError, RecursionError):
             self._fail(f"metadata '{META_TENSORS}' is not valid JSON")
         if not isinstance(raw, dict):
@@ -309,7 +322,7 @@ class PackedReader:
             raise FormatError(f"{self.path.name}: holds no tensor {name!r}")
         codec = get_codec(e.format)
         comps = {c: self._get(name, codec.key(name, c)) for c in codec.components}
-        packed = PackedTensor(e.format, e.shape, e.dtype, comps, dict(e.params))
+        packed = PackedTensor(e.format, e.shape, e.dtype, comps, dict(e.params), foreign=not self.checksummed)
         if verify and e.sha256 is not None and packed.sha256(name) != e.sha256:
             self._fail(f"tensor {name!r} ({e.format}): checksum mismatch; the file is corrupt")
         return packed
@@ -332,6 +345,20 @@ def load_packed(path: str | os.PathLike, legacy: str | None = None) -> dict[str,
     """Every tensor of a packed file, decoded to dense."""
     with PackedReader(path, legacy) as r:
         return dict(r.items())
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice is an error (json.loads would keep the last)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 def _umask() -> int:

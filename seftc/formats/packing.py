@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from seftc.progress import NO_PROGRESS, ProgressSink
 
 PACK_MANIFEST = "seftc_pack.json"
 PACK_VERSION = 1
+PACK_MARKER = "seftc_pack"  # config.json key naming the writer; unpack removes it
+FOREIGN = "none (foreign compressed-tensors folder)"  # how a folder read without checksums is reported
+FOREIGN_NOTE = "read without checksums (foreign compressed-tensors folder)"
 SEFTC_FILE = "packed.safetensors"  # not model.safetensors: plain transformers must not half-load it
 CT_FILE = "model.safetensors"
 DENSE_FILE = "model.safetensors"
@@ -92,9 +95,11 @@ class UnpackResult:
     tensors: int
     file_bytes: int
     elapsed_s: float
+    checksums: str = "verified"  # or FOREIGN
 
     def summary(self) -> dict[str, Any]:
-        return {"output": str(self.output), "tensors": self.tensors, "file_bytes": self.file_bytes, "elapsed_s": round(self.elapsed_s, 3)}
+        return {"output": str(self.output), "tensors": self.tensors, "file_bytes": self.file_bytes, "elapsed_s": round(self.elapsed_s, 3),
+                "checksums": self.checksums}
 
 
 def is_candidate(name: str, t: torch.Tensor) -> bool:
@@ -123,7 +128,7 @@ def pack_tensor(name: str, t: torch.Tensor, fmt: str = "auto", exact_zeros: bool
         a = Analysis(t)
         if a.nnz == a.numel:
             chosen = "dense"
-        elif not only_if_smaller and fmt != "auto" and get_codec(fmt).nbytes(a) is not None:
+        elif not only_if_smaller and fmt != "auto" and get_codec(fmt).fits(a):
             chosen = fmt
         else:
             chosen = choose(a, fmt, name)
@@ -176,6 +181,61 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def seftc_markers(config: dict[str, Any]) -> list[str]:
+    """The seftc fingerprints in a config.json: any key starting with `seftc`, at the top level or
+    in its compressed-tensors block."""
+    found = [k for k in config if isinstance(k, str) and k.startswith("seftc")]
+    for block in ("quantization_config", "compression_config"):
+        q = config.get(block)
+        if isinstance(q, dict):
+            found += [f"{block}.{k}" for k in q if isinstance(k, str) and k.startswith("seftc")]
+            sc = q.get("sparsity_config")
+            if isinstance(sc, dict):
+                found += [f"{block}.sparsity_config.{k}" for k in sc if isinstance(k, str) and k.startswith("seftc")]
+    return found
+
+
+def _already_packed(folder: Path, files: list[Path], config: dict[str, Any]) -> str | None:
+    """Why MODEL looks like the output of `seftc pack` (or of compressed-tensors), or None."""
+    from safetensors import safe_open
+
+    from seftc.formats.ct import legacy_entries
+    from seftc.formats.io import META_TENSORS
+    from seftc.formats.registry import CODECS
+
+    if (folder / PACK_MANIFEST).is_file():
+        return f"it holds {PACK_MANIFEST}"
+    if seftc_markers(config):
+        return f"config.json has {seftc_markers(config)[0]!r}"
+    q = config.get("quantization_config") or config.get("compression_config")
+    if isinstance(q, dict) and isinstance(q.get("sparsity_config"), dict) and not q.get("config_groups"):
+        return "config.json has a compressed-tensors sparsity_config"
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys, meta = list(f.keys()), f.metadata() or {}
+        except Exception:
+            continue  # unreadable files are reported when they are read
+        try:
+            entries = json.loads(meta.get(META_TENSORS, "{}"))
+            packed = [n for n, e in entries.items() if isinstance(e, dict) and e.get("format") != "dense"]
+        except (ValueError, AttributeError):
+            packed = []
+        if packed:
+            return f"{path.name} stores {packed[0]!r} in format {entries[packed[0]]['format']!r}"
+        for codec in CODECS.values():
+            if not codec.sparse:
+                continue
+            try:  # keys `PREFIX.comp` covering a format's components (for seftc's formats PREFIX is the name)
+                found, _ = legacy_entries(keys, codec.name)
+            except FormatError as e:
+                return str(e)
+            if found:
+                prefix = next(iter(found.values()))["prefix"]
+                return f"{path.name} holds the {codec.name} components of {prefix!r}"
+    return None
+
+
 def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
     """Copy config-like files (tokenizer, generation config, manifests), not weights."""
     for f in sorted(src.iterdir()):
@@ -187,7 +247,8 @@ def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
 
 
 def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = "auto", *, force: bool = False,
-                exact_zeros: bool = False, only_if_smaller: bool = True, progress: ProgressSink = NO_PROGRESS) -> PackResult:
+                exact_zeros: bool = False, only_if_smaller: bool = True, trust_remote_code: bool = False,
+                progress: ProgressSink = NO_PROGRESS) -> PackResult:
     """Pack MODEL (a folder, a .safetensors beside its config.json, or `default`) into OUTPUT.
 
     `fmt` is `auto` or a format name (see `registry.CHOICES`); a named format is used for every
@@ -197,12 +258,15 @@ def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = 
 
     if fmt not in CHOICES:
         raise SeftcError(f"unknown format {fmt!r}; choose one of {', '.join(CHOICES)}")
-    ref = resolve_model(model)
+    ref = resolve_model(model, trust_remote_code=trust_remote_code)
     if ref.kind == "gguf":
         raise SeftcError("pack reads safetensors weights; load the .gguf and save it as a model folder first")
     folder = ref.folder
     files = weight_files(folder, ref.path if ref.kind == "safetensors" else None)
     config = _read_config(folder)
+    why = _already_packed(folder, files, config)
+    if why:
+        raise SeftcError(f"{ref.spec} is already packed; unpack it first or pass the original folder ({why})")
     if config.get("quantization_config") or config.get("compression_config"):
         raise SeftcError(f"{folder} is already compressed or quantized (config.json has a quantization_config); unpack it first")
     out = check_output(output, force, inputs=(folder,))
@@ -226,9 +290,9 @@ def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = 
             elems = sum(r.dense_bytes // _itemsize(r.dtype) for r in records.values() if r.format == fmt)
             nonzero = sum(r.nonzero for r in records.values() if r.format == fmt)
             config["quantization_config"] = sparsity_config(fmt, targets, 1 - nonzero / elems if elems else 0.0)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        else:
-            shutil.copy2(folder / "config.json", tmp / "config.json")
+        # the writer's fingerprint: a folder carrying it is never read as a foreign, unchecksummed one
+        config[PACK_MARKER] = {"version": PACK_VERSION, "layout": "compressed-tensors" if ct else "seftc", "checksums": "sha256"}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST})
         result = PackResult(out, "compressed-tensors" if ct else "seftc", fmt, [name], records,
                             (tmp / name).stat().st_size, time.perf_counter() - start, warnings)
@@ -262,9 +326,24 @@ def _check_result(records: dict[str, TensorRecord], fmt: str) -> list[str]:
     return warnings
 
 
-def packed_files(folder: Path) -> tuple[list[Path], str | None, dict[str, Any] | None]:
+class PackedFolder(NamedTuple):
+    files: list[Path]
+    legacy: str | None  # the compressed-tensors format to read a foreign folder with; None: seftc's
+    manifest: dict[str, Any] | None  # seftc_pack.json (None for foreign folders)
+
+    @property
+    def checksums(self) -> str:
+        """How the folder's tensors are verified: "verified" (sha256) or FOREIGN."""
+        return FOREIGN if self.legacy is not None else "verified"
+
+
+def packed_files(folder: Path) -> PackedFolder:
     """The weight files of a packed folder, the legacy format to read them with (None for
-    seftc files), and its seftc_pack.json (None for foreign compressed-tensors folders)."""
+    seftc files), and its seftc_pack.json (None for foreign compressed-tensors folders).
+
+    A folder without seftc_pack.json is read as a foreign compressed-tensors folder (structure
+    checks only) only when nothing in it says seftc wrote it: a seftc marker in config.json or
+    seftc metadata in a weight file means its checksums were stripped, and it is refused."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FormatError(f"{folder} is not a folder")
@@ -284,15 +363,19 @@ def packed_files(folder: Path) -> tuple[list[Path], str | None, dict[str, Any] |
         for p in paths:
             if not p.is_file():
                 raise FormatError(f"{folder}: packed file {p.name} named in {PACK_MANIFEST} is missing")
-        return paths, None, manifest
+        return PackedFolder(paths, None, manifest)
     config = _read_config(folder) if (folder / "config.json").is_file() else {}
     legacy = ct_format(config)
+    markers = seftc_markers(config)
+    if markers:
+        raise FormatError(f"{folder} was written by seftc (config.json has {markers[0]!r}) but its {PACK_MANIFEST} is gone: "
+                          "its checksums may have been stripped, so it is not read unverified; pack the original model again")
     if legacy is None:
         raise FormatError(f"{folder} is not a packed model: no {PACK_MANIFEST} and no compressed-tensors sparsity_config in config.json")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FormatError(f"{folder} holds no *.safetensors files")
-    return files, legacy, None
+    return PackedFolder(files, legacy, None)
 
 
 def iter_packed(folder: Path) -> Iterator[tuple[PackedReader, str]]:
@@ -314,10 +397,12 @@ def unpack_folder(packed: str | os.PathLike, output: str | os.PathLike, *, force
     from seftc.models.saving import atomic_folder, check_output
 
     folder = Path(packed).expanduser()
-    files, legacy, _ = packed_files(folder)
+    source = packed_files(folder)
+    files = source.files
     out = check_output(output, force, inputs=(folder,))
     config = _read_config(folder)
-    ct = any(config.pop(k, None) is not None for k in ("quantization_config", "compression_config"))
+    removed = [config.pop(k, None) for k in ("quantization_config", "compression_config", PACK_MARKER)]
+    rewrite = any(v is not None for v in removed)
     start = time.perf_counter()
     count = 0
     advance = progress.task("unpacking", None)
@@ -327,10 +412,10 @@ def unpack_folder(packed: str | os.PathLike, output: str | os.PathLike, *, force
                 writer.add(name, reader.read_dense(name))
                 count += 1
                 advance(1)
-        if ct:
+        if rewrite:
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         else:
             shutil.copy2(folder / "config.json", tmp / "config.json")
         _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST, *(f.name for f in files)})
         size = (tmp / DENSE_FILE).stat().st_size
-    return UnpackResult(out, count, size, time.perf_counter() - start)
+    return UnpackResult(out, count, size, time.perf_counter() - start, source.checksums)

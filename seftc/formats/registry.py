@@ -45,9 +45,10 @@ def choose(a: Analysis, fmt: str = "auto", name: str = "") -> str:
     names = AUTO_CANDIDATES if fmt == "auto" else (get_codec(fmt).name,)
     best, best_size = "dense", stored_bytes(get_codec("dense"), a, name)
     for candidate in names:
-        if get_codec(candidate).min_bytes(a) >= best_size:
+        codec = get_codec(candidate)
+        if codec.min_bytes(a) >= best_size or not codec.fits(a):
             continue
-        size = stored_bytes(get_codec(candidate), a, name)
+        size = stored_bytes(codec, a, name)
         if size is not None and size < best_size:
             best, best_size = candidate, size
     return best

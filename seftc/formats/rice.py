@@ -34,23 +34,25 @@ class Plan:
             gaps[1:] = np.where(self.blk[1:] != self.blk[:-1], rel[1:], rel[1:] - rel[:-1] - 1)
         self.gaps = gaps
         self.nnz = int(flat.size)
-        self.k = self._best_k()
+        self.k = best_k(self.gaps)
         self.high_bits = int((self.gaps >> self.k).sum()) + self.nnz
-
-    def _best_k(self) -> int:
-        if self.nnz == 0:
-            return 0
-        best, best_cost = 0, None
-        for k in range(0, int(self.gaps.max()).bit_length() + 1):
-            cost = self.nnz * k + int((self.gaps >> k).sum())
-            if best_cost is not None and cost >= best_cost:
-                break  # the cost is convex in k
-            best, best_cost = k, cost
-        return best
 
     def nbytes(self, itemsize: int) -> int:
         index = (self.nblocks + 1) * (index_width(self.nnz) + index_width(self.high_bits))
         return self.nnz * itemsize + (self.nnz * self.k + 7) // 8 + (self.high_bits + 7) // 8 + index
+
+
+def best_k(gaps: np.ndarray) -> int:
+    """The canonical k: the smallest minimising the stream bits `nnz*k + sum(gaps >> k)`."""
+    if gaps.size == 0:
+        return 0
+    best, best_cost = 0, None
+    for k in range(0, int(gaps.max()).bit_length() + 1):
+        cost = gaps.size * k + int((gaps >> k).sum())
+        if best_cost is not None and cost >= best_cost:
+            break  # the cost is convex in k
+        best, best_cost = k, cost
+    return best
 
 
 class Rice(Codec):
@@ -92,11 +94,12 @@ class Rice(Codec):
         k, block_rows = p.params["k"], p.params["block_rows"]
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_K:
             err(f"param k={k!r} is not an integer in 0..{MAX_K}")
-        if not isinstance(block_rows, int) or isinstance(block_rows, bool) or not 1 <= block_rows <= 1 << 40:
-            err(f"param block_rows={block_rows!r} is not a positive integer")
+        if block_rows != BLOCK_ROWS or isinstance(block_rows, bool):
+            err(f"param block_rows={block_rows!r} is not {BLOCK_ROWS} (the one canonical block size)")
         nblocks = -(-rows // block_rows)
         span = min(block_rows, rows) * cols  # positions in a full block
         values = err.comp(p, "values", (p.dtype,), ndim=1)
+        err.no_zero_values("values", values)
         nnz = values.size
         bn = err.index(p, "block_nnz", (nblocks + 1,), width_for=nnz)
         err.offsets("block_nnz", bn, nnz)
@@ -134,6 +137,8 @@ class Rice(Codec):
         step = (q << k) + _fields(low, nnz, k) + 1
         if nnz and int(step.max()) > span:
             err("a gap is longer than a block")
+        if best_k(step - 1) != k:
+            err(f"param k={k} is not canonical: the writer's k for these gaps is {best_k(step - 1)}")
         cs = np.cumsum(step)
         base = (cs - step)[first]  # the position count before each non-empty block
         blocks = np.flatnonzero(full)

@@ -26,6 +26,7 @@ class PackedLinear(nn.Module):
         self.weight_dtype = packed.dtype
         self.params = dict(packed.params)
         self.name = name
+        self.foreign = packed.foreign
         self.component_names = tuple(packed.components)
         for comp, t in packed.components.items():
             self.register_buffer(f"packed_{comp}", t)
@@ -34,7 +35,7 @@ class PackedLinear(nn.Module):
     @property
     def packed(self) -> PackedTensor:
         comps = {c: getattr(self, f"packed_{c}") for c in self.component_names}
-        return PackedTensor(self.format, (self.out_features, self.in_features), self.weight_dtype, comps, dict(self.params))
+        return PackedTensor(self.format, (self.out_features, self.in_features), self.weight_dtype, comps, dict(self.params), self.foreign)
 
     def dense_weight(self) -> torch.Tensor:
         return self.packed.to_dense(self.name)
@@ -54,48 +55,60 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, bias={self.bias is not None}"
 
 
-def load_sparse(path: str | os.PathLike, dense: bool = False, *, validate: bool = True) -> Any:
+def load_sparse(path: str | os.PathLike, dense: bool = False, *, validate: bool = True, trust_remote_code: bool = False) -> Any:
     """Load a packed folder (from `seftc pack`, or a compressed-tensors sparse folder).
 
     dense=False: every packed Linear weight becomes a PackedLinear holding its component tensors
     (checksums verified; with `validate` each is decoded once to check its structure).
-    dense=True: every weight is decoded into a plain model."""
+    dense=True: every weight is decoded into a plain model.
+
+    config.json goes through the same checks as every model seftc loads (code it names runs only
+    with `trust_remote_code`), and every stored tensor must have the name and shape the model
+    built from it expects: anything else is a FormatError naming the keys."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from seftc.formats.packing import iter_packed
+    from seftc.models.loading import resolve_model
 
     folder = Path(path).expanduser()
+    resolve_model(folder, trust_remote_code=trust_remote_code)  # refuses auto_map, unknown architectures
     try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{folder}: cannot read config.json ({str(e).splitlines()[0][:200]})") from None
-    for attr in ("quantization_config", "compression_config"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        for attr in ("quantization_config", "compression_config"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise FormatError(f"{folder}: cannot build a model from config.json ({str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__})") from None
 
+    expected = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, PackedTensor] = {}
+    wrong: list[str] = []
     for reader, name in iter_packed(folder):
-        if dense or reader.entries[name].format == "dense":
+        entry = reader.entries[name]
+        if name not in expected:
+            raise FormatError(f"{folder}: tensor {name!r} has no place in a {config.model_type} model")
+        if tuple(entry.shape) != expected[name]:
+            wrong.append(f"{name!r} is {list(entry.shape)}, the config needs {list(expected[name])}")
+            continue
+        if dense or entry.format == "dense":
             state[name] = reader.read_dense(name)
         else:
             p = reader.read(name)
             if validate:
                 p.to_dense(name)
             packed[name] = p
+    if wrong:
+        raise FormatError(f"{folder}: {len(wrong)} stored tensors disagree with config.json in shape: {'; '.join(wrong[:3])}")
 
-    expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    unknown = sorted(set(state) - expected) + sorted(set(packed) - expected)
-    if unknown:
-        raise FormatError(f"{folder}: tensor {unknown[0]!r} has no place in a {config.model_type} model")
     model.load_state_dict(state, strict=False, assign=True)
     for name, p in packed.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if attr == "weight" and isinstance(module, nn.Linear) and tuple(p.shape) == (module.out_features, module.in_features):
+        if attr == "weight" and isinstance(module, nn.Linear):
             if module.bias is not None and module.bias.is_meta:
                 raise FormatError(f"{folder}: the packed files lack {module_name + '.bias'!r}")
             bias = module.bias

@@ -34,7 +34,10 @@ class TwoFour(Codec):
         if bool((pos[..., 0] >= pos[..., 1]).any()):
             err("component 'positions' has a group whose two positions are not strictly increasing")
         index = pos + np.arange(0, cols, 4, dtype=np.int64).reshape(1, -1, 1) + np.arange(rows, dtype=np.int64).reshape(-1, 1, 1) * cols
-        return scatter_dense((rows, cols), p.dtype, index.reshape(-1), values)
+        out = scatter_dense((rows, cols), p.dtype, index.reshape(-1), values)
+        if not np.array_equal(Analysis(out).keep24(KEEP24_PAIRS), packed):
+            err("component 'positions' is not canonical: a group keeps a zero other than its lowest-index ones (formats/24.md)")
+        return out
 
 
 def kept_values(a: Analysis) -> np.ndarray:

@@ -135,6 +135,7 @@ class RuntimePair:
     tokenizer: Any | None
     conversion: ConversionResult
     source: str  # "pruned" | "packed"
+    checksums: str | None = None  # packed folders: "verified", or how a foreign one was read (seftc.formats.packing.FOREIGN)
 
 
 def _is_packed(folder) -> bool:
@@ -152,10 +153,10 @@ def _is_packed(folder) -> bool:
 
 
 def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = True,
-                      min_sparsity: float = MIN_SPARSITY) -> RuntimePair:
+                      min_sparsity: float = MIN_SPARSITY, trust_remote_code: bool = False) -> RuntimePair:
     """Load MODEL (a pruned folder or a packed folder) as a dense model and a sparse-runtime model
     in `dtype`. Sparse layers come from the packed components when the folder is packed, and from
-    the pruned dense weights otherwise."""
+    the pruned dense weights otherwise. Code a checkpoint names runs only with `trust_remote_code`."""
     import copy
     from pathlib import Path
 
@@ -165,11 +166,13 @@ def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = T
     torch_dtype = _torch_dtype(dtype, torch.float32)
     path = Path(str(spec)).expanduser()
     if path.is_dir() and _is_packed(path):
+        from seftc.formats.packing import packed_files
         from seftc.formats.sparse_model import load_sparse
 
         try:
-            sparse = load_sparse(path)
-            dense = load_sparse(path, dense=True) if need_dense else None
+            checksums = packed_files(path).checksums
+            sparse = load_sparse(path, trust_remote_code=trust_remote_code)
+            dense = load_sparse(path, dense=True, trust_remote_code=trust_remote_code) if need_dense else None
         except SeftcError:
             raise
         except Exception as e:  # FormatError subclasses SeftcError; anything else is a bad folder
@@ -178,11 +181,12 @@ def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = T
         sparse = sparse.to(torch_dtype)
         dense = dense.to(torch_dtype) if dense is not None else None
         source = "packed"
-        tokenizer = _tokenizer(path)
+        tokenizer = _tokenizer(path, trust_remote_code)
     else:
         from seftc.models.loading import load_model
 
-        loaded = load_model(resolve_model(spec), dtype=dtype)
+        checksums = None
+        loaded = load_model(resolve_model(spec, trust_remote_code=trust_remote_code), dtype=dtype, trust_remote_code=trust_remote_code)
         dense = loaded.model
         sparse = copy.deepcopy(dense) if need_dense else dense
         conversion = sparsify_model(sparse, min_sparsity=min_sparsity)
@@ -192,13 +196,13 @@ def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = T
             dense = None
     if not conversion.converted:
         raise SeftcError(f"{spec}: no linear layer is sparse enough (>= {min_sparsity:.0%} zeros) to run sparse; prune it first (seftc prune)")
-    return RuntimePair(dense, sparse.eval(), tokenizer, conversion, source)
+    return RuntimePair(dense, sparse.eval(), tokenizer, conversion, source, checksums)
 
 
-def _tokenizer(folder) -> Any | None:
+def _tokenizer(folder, trust_remote_code: bool = False) -> Any | None:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         return None
