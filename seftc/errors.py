@@ -14,15 +14,28 @@ class FormatError(SeftcError):
     """A packed sparse tensor or file is malformed."""
 
 
-def validated(model_cls, where: str, prefix: str = "", **values):
+def validation_message(err: dict) -> str:
+    """One pydantic error's message as a user reads it (no "Value error," prefix)."""
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    msg = str(err["msg"])
+    for noise in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(noise)
+    return msg
+
+
+def validated(model_cls, where: str, prefix: str = "", labels: dict[str, str] | None = None, **values):
     """Build a pydantic config, turning its first validation error into one SeftcError line that
-    names the key's path (`prune.sparsityy: unknown key`)."""
+    names the key's path (`prune.sparsityy: unknown key`); `labels` maps a key to how the user
+    gave it (e.g. `--set prune.sparsity=2`), which then names it instead."""
     from pydantic import ValidationError
 
     try:
         return model_cls(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        path = ".".join([where, *map(str, err["loc"])])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise SeftcError(f"{prefix}{path}: {msg}") from None
+        loc = [str(x) for x in err["loc"]]
+        path = ".".join([where, *loc])
+        if labels and loc and loc[0] in labels:
+            raise SeftcError(f"{labels[loc[0]]}: {validation_message(err)}") from None
+        raise SeftcError(f"{prefix}{path}: {validation_message(err)}") from None

@@ -60,6 +60,14 @@ def test_compress_every_stage_and_report_matches_saved_tensors(tiny_dir, tmp_pat
     assert report["size"]["packed_file_bytes"] < report["size"]["pruned_safetensors"]
     assert "| repaired | 0.6000 |" in md
     assert report["export"]["relative_error"] < 1e-3 and (Path(report["export"]["path"]) / "model.onnx").is_file()
+    # the sections a reader needs, and each plot's protocol under it
+    for section in ("## Export (ONNX)", "max abs logit error", "Sparse initializers:", "Wall time of this run:",
+                    "Topology updates: 1 (every 4 steps)", "| prune | ran |"):
+        assert section in md, section
+    for name, caption in report["plot_captions"].items():
+        if name in report["plots"]:
+            assert f"*{caption}*" in md
+    assert set(report["plots"]) <= set(report["plot_captions"])
 
 
 def test_rerun_is_cached_and_late_change_redoes_only_late_stages(tiny_dir, tmp_path, recipe_file):
@@ -71,6 +79,7 @@ def test_rerun_is_cached_and_late_change_redoes_only_late_stages(tiny_dir, tmp_p
     r = _run(tiny_dir, run, recipe_file, "--json", "--set", "eval.limit=3")
     stages = {s["name"]: s["cached"] for s in json.loads(r.stdout)["stages"]}
     assert stages["prune"] and stages["repair"] and stages["pack"]
+    assert "| repair | from cache | original run took" in (run / "report.md").read_text()
     assert not stages["eval-dense"] and not stages["eval-repaired"]
     # a deleted stage is redone, and only it (and what depends on it keeps its key)
     pack = next(p for p in (run / "stages").iterdir() if p.name.startswith("pack-"))
@@ -109,3 +118,75 @@ def test_set_overrides_and_shipped_recipes():
     assert r.prune.sparsity == 0.7 and r.export is None
     for path in sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml")):
         load_recipe(path)
+
+
+def _speed(dense_spread, sparse_spread, speedup, bound=1.6):
+    row = {"phase": "decode", "batch": 1, "tokens": 16, "dense_ms": 10.0, "sparse_ms": 10.0 / speedup, "speedup": speedup,
+           "dense_spread_ms": dense_spread, "sparse_spread_ms": sparse_spread}
+    return {"device": "cpu", "dtype": "float32", "threads": 2, "isa": "avx2", "byte_bound": bound,
+            "config": {"repeats": 5, "warmup": 2, "prompt_tokens": 64, "new_tokens": 16}, "results": [row], "layers": []}
+
+
+def _report(tiny_dir, tmp_path, outcomes, **recipe):
+    from seftc.compress.report import write_report
+    from seftc.compress.stages import StageOutcome
+
+    outs = [StageOutcome(name, "k", tmp_path / name, result, True, 0.0) for name, result in outcomes]
+    return write_report(tmp_path, recipe_from_dict(recipe), {"dense": str(tiny_dir)}, outs, wall_s=1.0), (tmp_path / "report.md").read_text()
+
+
+def test_speedups_above_the_byte_bound_or_spread_wide_are_flagged_distorted(tiny_dir, tmp_path):
+    report, md = _report(tiny_dir, tmp_path, [("bench", {"summary": _speed([9.9, 10.1], [7.9, 8.1], 1.25), "seconds": 30.0})])
+    assert report["speed"]["results"][0]["distorted"] is None
+    assert "distorted" not in md.split("## Speed")[1].split("![")[0] and "Other processes" not in md
+    assert "| bench | from cache | original run took 30.0 s |" in md
+    assert "whiskers" in report["plot_captions"]["speedup"] and "speedup" in report["plots"]
+    report, md = _report(tiny_dir, tmp_path, [("bench", {"summary": _speed([9.9, 10.1], [0.2, 0.3], 45.5), "seconds": 30.0})])
+    assert "above the byte bound 1.60" in report["speed"]["results"][0]["distorted"]
+    assert "1 of 1 rows are marked distorted" in md
+    _, md = _report(tiny_dir, tmp_path, [("bench", {"summary": _speed([2.0, 30.0], [7.9, 8.1], 1.25), "seconds": 30.0})])
+    assert "distorted: dense repeats spread" in md
+
+
+def test_no_topology_update_gives_a_note_instead_of_an_empty_plot(tiny_dir, tmp_path):
+    repair = {"history": {"train_loss": [[1, 3.0], [2, 2.9]], "eval_loss": [[0, 3.1], [2, 3.0]], "regrown": []},
+              "manifest": {"layer_stats": {"a": {"regrown": 0}, "b": {"regrown": 0}}}, "seconds": 5.0}
+    report, md = _report(tiny_dir, tmp_path, [("repair", repair)], repair={"steps": 6, "update_interval": 10})
+    assert "regrown_per_layer" not in report["plots"] and "loss_curves" in report["plots"]
+    assert "No topology update happened" in md and "6 steps with an update every 10 steps" in md
+
+
+def test_export_section_says_why_no_sparse_initializers(tiny_dir, tmp_path):
+    summary = {"model_file": "x/model.onnx", "bytes": 1000, "dense_bytes": 1000, "opset": 17, "kv_cache": True, "sparse_tensors": 0,
+               "max_abs_error": 1e-5, "logit_scale": 10.0, "relative_error": 1e-6, "tolerance": 1e-3, "checks": [{}, {}]}
+    _, md = _report(tiny_dir, tmp_path, [("export", {"summary": summary, "seconds": 4.0})])
+    section = md.split("## Export (ONNX)")[1]
+    assert "1,000 bytes" in section and "max abs logit error 1e-05" in section
+    assert "none used" in section and "above 50% sparsity" in section
+
+
+@pytest.mark.parametrize("text,check", [
+    ("bench.batch=1", lambda r: r.bench.batch == "1"),
+    ("bench.batch=1,4", lambda r: r.bench.batch == "1,4"),
+    ("prune.sparsity=0.7", lambda r: r.prune.sparsity == 0.7),
+    ("repair.lr=1e-3", lambda r: r.repair.lr == 1e-3),
+    ("eval.limit=3", lambda r: r.eval.limit == 3),
+    ("eval.tasks=null", lambda r: r.eval.tasks is None),
+    ("export=false", lambda r: r.export is None),
+    ("prune.owl=yes", lambda r: r.prune.owl is True),
+])
+def test_set_values_are_yaml_scalars_coerced_by_the_stage(text, check):
+    assert check(load_recipe(None, [text]))
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("repair.steps=0", "--set repair.steps=0: "),
+    ("repair.method=nope", "--set repair.method=nope: unknown repair method"),
+    ("repair.stepz=3", "--set repair.stepz=3: unknown key"),
+    ("prune.sparsity=abc", "--set prune.sparsity=abc: "),
+    ("export=3", "--set export=3: "),
+])
+def test_set_errors_name_the_set_key(text, expect):
+    with pytest.raises(SeftcError) as e:
+        load_recipe(None, [text])
+    assert str(e.value).startswith(expect) and "Value error" not in str(e.value)

@@ -55,7 +55,9 @@ def bench(model: str, device: str, batch: str, dtype: str, prompt_tokens: int, n
     with stderr.status("benchmarking dense vs sparse…") if not as_json else _null():
         result = run_bench(pair.dense, pair.sparse, cfg, device)
     if plot:
-        write_plot(result, plot)
+        from seftc.compress.report import write_speedup_plot
+
+        write_speedup_plot(result.to_json(), plot)
     if as_json:
         out = result.to_json()
         out["model"] = model
@@ -78,14 +80,20 @@ class _null:
 def render(result, model: str) -> None:
     from rich.table import Table
 
+    from seftc.runtime.bench import WIDE_SPREAD, distortion
+
     head = f"{model} · {result.device} · {result.dtype} · {result.threads} threads · kernels: {result.backend} ({result.isa})"
+    flagged = 0
     if result.layers:
         t = Table(title=f"per-layer kernel time (ms) — {head}")
-        for col in ("layer", "shape", "layout", "sparsity", "batch", "dense", "sparse", "speedup", "byte bound"):
-            t.add_column(col, justify="left" if col in ("layer", "layout") else "right")
+        for col in ("layer", "shape", "layout", "sparsity", "batch", "dense", "sparse", "speedup", "byte bound", "note"):
+            t.add_column(col, justify="left" if col in ("layer", "layout", "note") else "right")
         for r in result.layers:
+            bad = distortion(r.to_json(), r.byte_bound)
+            flagged += bad is not None
             t.add_row(r.name, "×".join(map(str, r.shape)), r.kind, f"{r.sparsity:.0%}", str(r.batch),
-                      f"{r.dense.median_ms:.4f}", f"{r.sparse.median_ms:.4f}", _ratio(r.speedup), f"{r.byte_bound:.2f}×")
+                      f"{r.dense.median_ms:.4f}", f"{r.sparse.median_ms:.4f}", _ratio(r.speedup), f"{r.byte_bound:.2f}×",
+                      "[red]distorted[/red]" if bad else "")
         stdout.print(t)
     if result.layers_in_model:
         t = Table(title="per-layer time inside batch-1 decode (ms, median over layers of each kind)")
@@ -95,14 +103,19 @@ def render(result, model: str) -> None:
             t.add_row(kind, str(rows["n"]), f"{rows['dense_ms']:.4f}", f"{rows['sparse_ms']:.4f}", _ratio(rows["speedup"]), f"{rows['byte_bound']:.2f}×")
         stdout.print(t)
     t = Table(title=f"end to end — {head}")
-    for col in ("phase", "batch", "dense ms (min–max)", "sparse ms (min–max)", "speedup", "dense tok/s", "sparse tok/s"):
-        t.add_column(col, justify="left" if col == "phase" else "right")
+    for col in ("phase", "batch", "dense ms (min–max)", "sparse ms (min–max)", "speedup", "dense tok/s", "sparse tok/s", "note"):
+        t.add_column(col, justify="left" if col in ("phase", "note") else "right")
     for r in result.results:
+        bad = distortion(r.to_json(), result.byte_bound)
+        flagged += bad is not None
         label = f"prefill {r.tokens} tok" if r.phase == "prefill" else "decode /token"
         t.add_row(label, str(r.batch), f"{r.dense.median_ms:.2f} ({r.dense.min_ms:.2f}–{r.dense.max_ms:.2f})",
                   f"{r.sparse.median_ms:.2f} ({r.sparse.min_ms:.2f}–{r.sparse.max_ms:.2f})", _ratio(r.speedup),
-                  f"{r.tokens_per_s('dense'):.1f}", f"{r.tokens_per_s('sparse'):.1f}")
+                  f"{r.tokens_per_s('dense'):.1f}", f"{r.tokens_per_s('sparse'):.1f}", "[red]distorted[/red]" if bad else "")
     stdout.print(t)
+    if flagged:
+        stdout.print(f"[red]{flagged} rows distorted[/red]: a speedup above its byte bound, or repeats more than "
+                     f"{WIDE_SPREAD:.0%} of their median apart; other processes took the cores; rerun on a quiet machine.")
     m = result.memory
     stdout.print(f"weights in memory: dense {m['dense_model_bytes'] / 2**20:.1f} MiB, sparse {m['sparse_model_bytes'] / 2**20:.1f} MiB · "
                  f"bytes read per decoded token: dense {m['dense_bytes_per_token'] / 2**20:.1f} MiB, sparse "
@@ -128,24 +141,3 @@ def summarize_layers(layers) -> dict[str, dict[str, float]]:
 def _ratio(x: float) -> str:
     color = "green" if x >= 1.0 else "red"
     return f"[{color}]{x:.2f}×[/{color}]"
-
-
-def write_plot(result, path: str) -> None:
-    """A bar chart: speedup per phase and batch (and per layer when timed), byte bound as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r.phase}\nb={r.batch}" for r in result.results]
-    values = [r.speedup for r in result.results]
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 3.5))
-    ax.bar(labels, values, color=["#4c72b0" if r.phase == "prefill" else "#dd8452" for r in result.results])
-    ax.axhline(1.0, color="grey", lw=1)
-    ax.axhline(result.byte_bound, color="green", ls="--", lw=1, label=f"byte bound {result.byte_bound:.2f}×")
-    ax.set_ylabel("speedup (dense / sparse)")
-    ax.set_title(f"sparse vs dense, {result.dtype}, {result.device}, {result.threads} threads")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

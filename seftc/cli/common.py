@@ -13,8 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from seftc.errors import SeftcError
 
-stderr = Console(stderr=True)
-stdout = Console()
+# Piped or redirected, rich would cut tables and lines at 80 columns; a log gets the full width instead.
+_UNBOUNDED = 100_000
+stderr = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=_UNBOUNDED)
+stdout = Console() if sys.stdout.isatty() else Console(width=_UNBOUNDED)
 
 
 def fail(message: str) -> "NoReturn":  # type: ignore[name-defined]
@@ -54,28 +56,34 @@ def print_json(obj: Any) -> None:
 
 class RichProgress:
     """A progress reporter for library code: `progress(description, total)` opens a task,
-    the returned callable advances it. Library code only sees the Protocol in seftc.progress."""
+    the returned callable advances it. Library code only sees the Protocol in seftc.progress.
+    The live display starts with the first task, so a command that fails before any work
+    prints its error line alone (no blank line left by an empty display)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, console: Console | None = None):
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=stderr,
+            console=console or stderr,
             transient=False,
             disable=not enabled,
         )
+        self._started = False
 
     def __enter__(self) -> "RichProgress":
-        self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._progress.__exit__(*exc)
+        if self._started:
+            self._progress.__exit__(*exc)
 
     def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        if not self._started:
+            self._progress.__enter__()
+            self._started = True
         task_id = self._progress.add_task(description, total=total)
         self._last = (task_id, description)
         return lambda n=1: self._progress.advance(task_id, n)
@@ -88,6 +96,14 @@ class RichProgress:
 
 
 @contextmanager
-def progress_bars(enabled: bool = True) -> Iterator[RichProgress]:
+def progress_bars(enabled: bool = True) -> Iterator[Any]:
+    """Live bars on a terminal; plain periodic lines when stderr is a log (see plain_progress);
+    nothing when not `enabled` (e.g. --json)."""
+    if enabled and not stderr.is_terminal:
+        from seftc.cli.plain_progress import LineProgress
+
+        with LineProgress() as lines:
+            yield lines
+        return
     with RichProgress(enabled) as p:
         yield p

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from seftc.cli.common import print_json, progress_bars, stderr, stdout, user_errors
+from seftc.errors import SeftcError
 
 
 @click.command("compress")
@@ -19,9 +20,14 @@ def compress(model: str | None, recipe: str | None, run_dir: str, overrides: tup
 
     from seftc.compress.pipeline import compress as run_compress
 
-    with progress_bars(not as_json) as bars:
-        result = run_compress(model, recipe, run_dir=run_dir, overrides=list(overrides), progress=bars,
-                              log=lambda s: stderr.print(f"[cyan]stage[/cyan] {s}"))
+    from seftc.compress.stages import interrupted_message
+
+    try:
+        with progress_bars(not as_json) as bars:
+            result = run_compress(model, recipe, run_dir=run_dir, overrides=list(overrides), progress=bars,
+                                  log=lambda s: stderr.print(f"[cyan]stage[/cyan] {s}"))
+    except KeyboardInterrupt:
+        raise SeftcError(interrupted_message(run_dir)) from None
     report = result.report
     if as_json:
         print_json(report)

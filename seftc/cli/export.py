@@ -9,7 +9,8 @@ from seftc.cli.common import print_json, progress_bars, stderr, user_errors
 @click.command("export")
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (model.onnx, export.json, config and tokenizer).")
-@click.option("--onnx", "onnx_format", is_flag=True, default=True, help="Export to ONNX (the only format so far, and the default).")
+@click.option("--onnx", "onnx_format", is_flag=True, hidden=True,
+              help="Accepted for scripts that name the format; ONNX is the only one, so it changes nothing.")
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True, help="Take and return the KV cache (past_key_values.* / present.*) for decoding.")
 @click.option("--sparse-initializers/--dense-initializers", default=True, show_default=True,
               help="Store pruned weights as ONNX sparse initializers where that is smaller.")
@@ -26,10 +27,12 @@ from seftc.cli.common import print_json, progress_bars, stderr, user_errors
 def export(model: str, output: str, onnx_format: bool, kv_cache: bool, sparse_initializers: bool, strict_onnx: bool, opset: int,
            check: bool, tolerance: float, prompts: tuple[str, ...], force: bool, as_json: bool, trust_remote_code: bool,
            allow_pickle: bool) -> None:
-    """Export MODEL to ONNX in OUT and check onnxruntime against PyTorch."""
+    """Export MODEL to ONNX in OUT and check onnxruntime against PyTorch.
+
+    ONNX is the only export format, so no flag selects it (`--onnx` is still accepted)."""
     from seftc.export.onnx import DEFAULT_PROMPTS, export_onnx
 
-    with progress_bars(not as_json and stderr.is_terminal) as bars:  # a finished bar is noise in logs
+    with progress_bars(not as_json) as bars:
         result = export_onnx(
             model, output, kv_cache=kv_cache, sparse_initializers=sparse_initializers,
             sparse_index_dtype="int64" if strict_onnx else "int32", opset=opset, check=check, tolerance=tolerance,

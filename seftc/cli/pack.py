@@ -1,8 +1,6 @@
 """`seftc pack MODEL -o OUT` and `seftc unpack PACKED -o OUT`."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from seftc.cli.common import note_checksums, print_json, progress_bars, stderr, user_errors
@@ -24,7 +22,7 @@ def pack(model: str, output: str, fmt: str, exact_zeros: bool, force: bool, as_j
     """Store MODEL's sparse weights in compact formats (dense tensors stay dense)."""
     from seftc.formats.packing import pack_folder
 
-    with progress_bars(sys.stderr.isatty() and not as_json) as bars:
+    with progress_bars(not as_json) as bars:
         result = pack_folder(model, output, fmt, force=force, exact_zeros=exact_zeros, trust_remote_code=trust_remote_code, progress=bars)
     for w in result.warnings:
         stderr.print(f"[yellow]note:[/yellow] {w}")
@@ -48,7 +46,7 @@ def unpack(packed: str, output: str, force: bool, as_json: bool) -> None:
     """Decode a packed folder (seftc or compressed-tensors sparse) back to dense weights."""
     from seftc.formats.packing import unpack_folder
 
-    with progress_bars(sys.stderr.isatty() and not as_json) as bars:
+    with progress_bars(not as_json) as bars:
         result = unpack_folder(packed, output, force=force, progress=bars)
     note_checksums(result.checksums)
     if as_json:

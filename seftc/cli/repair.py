@@ -39,7 +39,8 @@ def repair(model: str, output: str, method: str, data: str, eval_data: str, step
            protect: int, init: str, reactivation: str, lora_r: int, eval_every: int, grad_checkpointing: bool, checkpoint_every: int,
            resume: bool, force: bool, as_json: bool) -> None:
     """Repair a pruned MODEL (written by `seftc prune`) while keeping its sparsity."""
-    from seftc.repair.api import repair as run_repair
+    from seftc.errors import SeftcError
+    from seftc.repair.api import interrupted_message, repair as run_repair
     from seftc.repair.config import make_repair_config
 
     cfg = make_repair_config(
@@ -48,8 +49,11 @@ def repair(model: str, output: str, method: str, data: str, eval_data: str, step
         protect=protect, init=init, reactivation=reactivation, lora_r=lora_r, eval_every=eval_every, grad_checkpointing=grad_checkpointing,
         checkpoint_every=checkpoint_every,
     )
-    with progress_bars(not as_json) as bars:
-        result = run_repair(model, cfg, output=output, force=force, resume=resume, progress=bars)
+    try:
+        with progress_bars(not as_json) as bars:
+            result = run_repair(model, cfg, output=output, force=force, resume=resume, progress=bars)
+    except KeyboardInterrupt:
+        raise SeftcError(interrupted_message(output)) from None
     if result.output is None:  # a non-main rank under torchrun
         return
     m = result.manifest

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -81,6 +82,7 @@ def compress(
     log: Callable[[str], None] = lambda s: None,
 ) -> CompressResult:
     """Run the whole pipeline; returns the report (also written to RUN_DIR/report.{md,json})."""
+    started = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides), None if model is None else str(model))
     _validate(recipe)
@@ -176,7 +178,7 @@ def compress(
 
     from seftc.compress.report import write_report
 
-    report = write_report(run, recipe, models, outcomes)
+    report = write_report(run, recipe, models, outcomes, wall_s=time.perf_counter() - started)
     return CompressResult(run, report, outcomes)
 
 

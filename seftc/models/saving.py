@@ -33,6 +33,18 @@ def check_output(out: str | os.PathLike, force: bool, inputs: tuple[Path, ...] =
     return out
 
 
+def _follow_umask(folder: Path, umask: int) -> None:
+    """Writers that go through a temporary file (transformers' save_pretrained among them) leave
+    0600 files; give every file the mode the user's umask asks for, like any other file they write."""
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out`, on failure it is removed."""
@@ -43,6 +55,7 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model folder should get the usual mode
     try:
         yield tmp
+        _follow_umask(tmp, umask)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
             os.replace(out, trash / "old")

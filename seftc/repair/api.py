@@ -285,6 +285,14 @@ def _save_checkpoint(ckpt: Path, step: int, cfg: RepairConfig, method, history) 
             shutil.rmtree(old, ignore_errors=True)
 
 
+def interrupted_message(output: str | os.PathLike) -> str:
+    """What an interrupted repair kept: its latest checkpoint, if --checkpoint-every wrote one."""
+    latest = _latest_checkpoint(_ckpt_dir(Path(output), None))
+    if latest is None:
+        return f"interrupted; nothing was written to {output} (pass --checkpoint-every N to keep resumable checkpoints)"
+    return f"interrupted; {output} was not written, but checkpoint {latest} was kept: add --resume to continue from it"
+
+
 def _latest_checkpoint(ckpt: Path | None) -> Path | None:
     if ckpt is None or not (ckpt / "latest").is_file():
         return None

@@ -126,6 +126,30 @@ class BenchResult:
                 "layers_in_model": [r.to_json() for r in self.layers_in_model]}
 
 
+WIDE_SPREAD = 0.5  # (max - min) / median of the repeats above which a median is not trusted
+
+
+def speedup_range(row: dict[str, Any]) -> tuple[float, float]:
+    """The speedups the repeats allow: slowest dense over fastest sparse and the reverse."""
+    (d_lo, d_hi), (s_lo, s_hi) = row["dense_spread_ms"], row["sparse_spread_ms"]
+    return (d_lo / s_hi if s_hi > 0 else float("nan"), d_hi / s_lo if s_lo > 0 else float("nan"))
+
+
+def distortion(row: dict[str, Any], byte_bound: float | None) -> str | None:
+    """Why a timed row (a `to_json()` of PhaseResult or LayerResult) cannot be taken at face value:
+    a speedup above the byte bound (sparse cannot read fewer bytes than that), or repeats that
+    disagree by more than WIDE_SPREAD of their median (another process took the cores); None if neither."""
+    reasons = []
+    if byte_bound and row["speedup"] > byte_bound * 1.02:
+        reasons.append(f"{row['speedup']:.2f}× is above the byte bound {byte_bound:.2f}×")
+    for which in ("dense", "sparse"):
+        lo, hi = row[f"{which}_spread_ms"]
+        median = row[f"{which}_ms"]
+        if median > 0 and (hi - lo) / median > WIDE_SPREAD:
+            reasons.append(f"{which} repeats spread {lo:.3g}–{hi:.3g} ms around {median:.3g}")
+    return "; ".join(reasons) or None
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

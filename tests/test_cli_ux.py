@@ -1,0 +1,197 @@
+"""A new user's first hour (issue 14): progress visible in logs, full-width tables when piped,
+helpful errors (typo'd command, --set), what an interrupted run kept, file modes, pickle files,
+packing a dense model."""
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from seftc.cli.main import cli
+
+TEXT = str(Path(__file__).with_name("data") / "sonnets.txt")
+FAST = ["--calib", TEXT, "--nsamples", "4", "--seqlen", "32"]
+
+
+def run(*args):
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def seftc(*args, env=None):
+    """The real CLI in a subprocess: stdout and stderr are pipes, not terminals."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "seftc.cli.main", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ux") / "pruned"
+    code, _, stderr = run("prune", tiny_dir, "-o", out, "--sparsity", "0.6", *FAST)
+    assert code == 0, stderr
+    return out
+
+
+# -- progress in logs -------------------------------------------------------------------------------
+
+def test_repair_in_a_log_prints_periodic_progress_lines(pruned, tmp_path):
+    r = seftc("repair", pruned, "-o", tmp_path / "r", "--data", TEXT, "--eval-data", TEXT, "--steps", "6", "--seqlen", "32",
+              "--update-interval", "3", "--accumulation", "1", "--eval-every", "3", env={"SEFTC_PROGRESS_EVERY": "0"})
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("repair (seft):")]
+    assert len(lines) >= 5, r.stderr  # one per step with a 0 s period
+    mid = next(line for line in lines if "3/6" in line)
+    for part in ("(50%)", "loss=", "tokens_per_s=", "elapsed ", "ETA "):
+        assert part in mid, mid
+    assert "6/6 (100%)" in lines[-1] and "done" in lines[-1]
+    assert "\x1b[" not in r.stderr  # no terminal control codes in a log
+
+
+def test_line_progress_is_periodic_and_silent_for_short_tasks():
+    import io
+
+    from seftc.cli.plain_progress import LineProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    p = LineProgress(every=10, stream=out, clock=lambda: now[0])
+    quick = p.task("quick", 3)
+    for _ in range(3):
+        quick()
+    assert out.getvalue() == ""  # finished within the period: nothing printed
+    slow = p.task("train", 100)
+    for _ in range(100):
+        now[0] += 1.0
+        p.status(loss=2.5)
+        slow()
+    lines = out.getvalue().splitlines()
+    assert 9 <= len(lines) <= 11 and all(line.startswith("train: ") and "loss=2.5" in line for line in lines)
+    assert "100/100 (100%)" in lines[-1] and "ETA" in lines[0]
+
+
+def test_piped_tables_and_lines_are_not_cut_at_80_columns(pruned):
+    r = seftc("inspect", pruned)
+    assert r.returncode == 0, r.stderr
+    footer = [line for line in r.stdout.splitlines() if line.startswith("target sparsity")]
+    assert len(footer) == 1 and "on disk" in footer[0] and len(footer[0]) > 80
+    assert "…" not in r.stdout
+
+
+def test_gguf_conversion_bar_follows_transformers_switch():
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from seftc.models.loading import _gguf_bar_follows_transformers
+
+    original = gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    try:
+        with _gguf_bar_follows_transformers():
+            assert gguf_utils.tqdm(range(2)).disable
+        assert gguf_utils.tqdm is original
+    finally:
+        hf_logging.enable_progress_bar()
+    with _gguf_bar_follows_transformers():
+        assert gguf_utils.tqdm is original
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+def test_typo_in_a_command_suggests_the_closest():
+    code, _, stderr = run("prun", "x")
+    assert code == 2 and "did you mean 'prune'" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_whole_summaries():
+    code, stdout, _ = run("--help")
+    assert code == 0 and "..." not in stdout.split("Commands:")[1]
+
+
+def test_error_line_comes_alone_without_a_blank_line(tiny_dir, tmp_path):
+    r = seftc("compress", tiny_dir, "-o", tmp_path / "run", "--set", "repair.steps=0")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: --set repair.steps=0:") and len(r.stderr.splitlines()) == 1, repr(r.stderr)
+
+
+def test_interrupted_compress_says_what_it_kept(tiny_dir, tmp_path, monkeypatch):
+    import yaml
+
+    import seftc.compress.pipeline as pipeline
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate_variant", interrupt)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"prune": {"sparsity": 0.5, "calib": TEXT, "nsamples": 2, "seqlen": 32}, "repair": False,
+                                      "pack": False, "export": False, "bench": False, "eval": {"ppl": TEXT, "tasks": None}}))
+    code, _, stderr = run("compress", tiny_dir, "--recipe", recipe, "-o", tmp_path / "run")
+    assert code == 2 and "nothing was written" not in stderr
+    assert "kept 1 finished stage" in stderr and "prune-" in stderr and "reuses them" in stderr
+
+
+def test_interrupted_repair_names_its_checkpoint(tmp_path):
+    from seftc.repair.api import interrupted_message
+
+    out = tmp_path / "r"
+    assert "nothing was written" in interrupted_message(out)
+    ckpt = tmp_path / "r.checkpoint"
+    (ckpt / "step-4").mkdir(parents=True)
+    (ckpt / "step-4" / "meta.json").write_text("{}")
+    (ckpt / "latest").write_text("step-4")
+    assert "--resume" in interrupted_message(out) and "step-4" in interrupted_message(out)
+
+
+# -- small correctness items ------------------------------------------------------------------------------
+
+def test_written_files_follow_the_umask(tiny_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        code, _, stderr = run("prune", tiny_dir, "-o", tmp_path / "p", *FAST)
+    finally:
+        os.umask(old)
+    assert code == 0, stderr
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "p").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == 0o755
+
+
+def test_standalone_pickle_file_loads_only_with_allow_pickle(tiny_dir, tmp_path):
+    from seftc.errors import SeftcError
+    from seftc.models.loading import load_model
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((tiny_dir / "config.json").read_bytes())
+    reference = load_model(tiny_dir).model.state_dict()
+    torch.save(reference, folder / "weights.bin")
+    with pytest.raises(SeftcError, match="--allow-pickle"):
+        load_model(folder / "weights.bin")
+    loaded = load_model(folder / "weights.bin", allow_pickle=True, need_tokenizer=False).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.items())
+    code, stdout, stderr = run("inspect", folder / "weights.bin", "--allow-pickle")
+    assert code == 0, stderr
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, folder / "evil.bin")
+    with pytest.raises(SeftcError, match="weights-only pickle"):
+        load_model(folder / "evil.bin", allow_pickle=True)
+
+
+def test_pack_refuses_a_dense_model(tiny_dir, tmp_path):
+    code, _, stderr = run("pack", tiny_dir, "-o", tmp_path / "packed")
+    assert code == 2 and "nothing sparse to pack" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "packed").exists() and not list(tmp_path.iterdir())
+
+
+def test_export_onnx_flag_is_accepted_but_not_advertised():
+    code, stdout, _ = run("export", "--help")
+    assert code == 0 and "--onnx" not in stdout.replace("`--onnx` is still", "")
