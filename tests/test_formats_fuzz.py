@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,9 +52,9 @@ def join(header: dict, body: bytes) -> bytes:
     return struct.pack("<Q", len(blob)) + blob + body
 
 
-def check(fmt: str, data: bytes) -> None:
-    """Read every tensor of `data`: each must be exactly the golden tensor, or FormatError."""
-    prefix = "structured" if fmt in MG.STRUCTURED else "unstructured"
+def read_each(data: bytes, on_tensor) -> None:
+    """Open `data` as a packed file and call on_tensor(reader, name) for every tensor; a
+    FormatError anywhere is a valid outcome. Fast, and no allocation beyond the file's size."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,15 +63,25 @@ def check(fmt: str, data: bytes) -> None:
         try:
             with PackedReader(path) as reader:
                 for name in reader.names():
-                    got = reader.read_dense(name)
-                    want = EXPECTED.get(f"{prefix}/{name}")
-                    assert want is not None, f"reader returned an unknown tensor {name!r}"
-                    assert got.dtype == want.dtype and got.shape == want.shape, name
-                    assert torch.equal(got.contiguous().view(torch.uint8), want.view(torch.uint8)), f"wrong tensor {name!r}"
+                    on_tensor(reader, name)
         except FormatError:
             pass
     assert time.perf_counter() - start < MAX_SECONDS
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < MAX_RSS_GROWTH_KB
+
+
+def check(fmt: str, data: bytes) -> None:
+    """Read every tensor of `data`: each must be exactly the golden tensor, or FormatError."""
+    prefix = "structured" if fmt in MG.STRUCTURED else "unstructured"
+
+    def exact(reader: PackedReader, name: str) -> None:
+        got = reader.read_dense(name)
+        want = EXPECTED.get(f"{prefix}/{name}")
+        assert want is not None, f"reader returned an unknown tensor {name!r}"
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got.contiguous().view(torch.uint8), want.view(torch.uint8)), f"wrong tensor {name!r}"
+
+    read_each(data, exact)
 
 
 # SEFTC_FUZZ_EXAMPLES=5000 for a long random run; the default run is short and reproducible
@@ -199,3 +210,86 @@ def test_foreign_ct_files(fmt, flips):
         except FormatError:
             pass
     assert time.perf_counter() - start < MAX_SECONDS
+
+
+# --- mutants that get past the checksum ---------------------------------------------------------
+
+def sha256_from_spec(name: str, entry: dict, header: dict, body: bytes) -> str:
+    """The checksum of formats/README.md ("Checksum"), computed from the file's own header and
+    bytes — written from the spec, independently of seftc's writer, as an attacker would."""
+    import hashlib
+
+    from seftc.formats.registry import get_codec
+
+    codec = get_codec(entry["format"])
+    h = hashlib.sha256()
+    h.update(name.encode() + b"\n")
+    params = ";".join(f"{k}={entry['params'][k]}" for k in sorted(entry["params"]))
+    dims = "x".join(str(d) for d in entry["shape"])
+    h.update(f"seftc/{entry['format']}/{entry['version']}/{entry['dtype']}/{dims}/{params}\n".encode())
+    for comp in codec.components:
+        info = header[codec.key(name, comp)]
+        start, end = info["data_offsets"]
+        h.update(f"{comp}/{info['dtype']}/{'x'.join(str(d) for d in info['shape'])}\n".encode() + body[start:end])
+    return h.hexdigest()
+
+
+def with_checksums(header: dict, body: bytes) -> bytes:
+    """Recompute every entry's sha256 after a mutation; entries whose keys are gone keep theirs."""
+    entries = json.loads(header["__metadata__"]["seftc.tensors"])
+    for name, entry in entries.items():
+        try:
+            entry["sha256"] = sha256_from_spec(name, entry, header, body)
+        except (KeyError, TypeError, ValueError, FormatError):
+            pass
+    header["__metadata__"]["seftc.tensors"] = json.dumps(entries)
+    return join(header, body)
+
+
+def check_canonical(data: bytes) -> None:
+    """Read every tensor of a mutant whose checksums were recomputed: either FormatError, or a
+    tensor whose re-encoding reproduces the stored components byte for byte (one encoding per
+    tensor: nothing non-canonical is accepted)."""
+    from seftc.formats.base import np_bits
+    from seftc.formats.registry import get_codec
+
+    def canonical(reader: PackedReader, name: str) -> None:
+        stored = reader.read(name)
+        dense = reader.read_dense(name)
+        again = get_codec(stored.format).from_dense(dense) if stored.format != "dense" else stored
+        assert again.params == stored.params, (name, again.params, stored.params)
+        for comp, t in stored.components.items():
+            got = again.components[comp]
+            assert got.dtype == t.dtype and got.shape == t.shape, (name, comp)
+            assert np.array_equal(np_bits(got), np_bits(t)), f"non-canonical {comp!r} of {name!r} accepted"
+
+    read_each(data, canonical)
+
+
+@FUZZ
+@given(fmt=st.sampled_from(list(FILES)), flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=6))
+def test_body_mutants_with_recomputed_checksums(fmt, flips):
+    """Flip bytes of the tensor data, then recompute the checksums (as formats/README.md lets
+    anyone do): every mutant reaches the structural checks."""
+    header, body = split(FILES[fmt])
+    body = bytearray(body)
+    for where, xor in flips:
+        body[int(where * len(body))] ^= xor
+    check_canonical(with_checksums(header, bytes(body)))
+
+
+@FUZZ
+@given(fmt=st.sampled_from(list(FILES)), which=st.integers(0, 100), field=st.sampled_from(["shape", "params"]),
+       dims=st.lists(st.integers(0, 1 << 14), min_size=2, max_size=2), params=st.dictionaries(st.sampled_from(["k", "block_rows"]), st.integers(0, 80)),
+       flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), max_size=2))
+def test_header_mutants_with_recomputed_checksums(fmt, which, field, dims, params, flips):
+    """Forge a tensor's shape or params (and maybe some data bytes), checksums recomputed."""
+    header, body = split(FILES[fmt])
+    entries = json.loads(header["__metadata__"]["seftc.tensors"])
+    name = sorted(entries)[which % len(entries)]
+    entries[name][field] = dims if field == "shape" else {**entries[name]["params"], **params}
+    header["__metadata__"]["seftc.tensors"] = json.dumps(entries)
+    body = bytearray(body)
+    for where, xor in flips:
+        body[int(where * len(body))] ^= xor
+    check_canonical(with_checksums(header, bytes(body)))

@@ -116,8 +116,8 @@ class Ct24Bitmask(_CtCodec):
 
 
 def _signed(p: PackedTensor, comp: str, err: Errors, rows: int) -> np.ndarray:
-    """An I64 (or I32) component of `rows` entries as int64."""
-    err.comp(p, comp, _INTS, (rows,))
+    """An I64 (in foreign files also I32) component of `rows` entries as int64."""
+    err.comp(p, comp, _INTS if p.foreign else (torch.int64,), (rows,))
     return p.components[comp].detach().cpu().to(torch.int64).numpy()
 
 
