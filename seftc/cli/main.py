@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": "seftc.cli.bench:bench",
     "generate": "seftc.cli.generate:generate",
     "unpack": "seftc.cli.pack:unpack",
+    "serve": "seftc.cli.serve:serve",
 }
 
 

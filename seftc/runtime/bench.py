@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from seftc.runtime.convert import model_nbytes, prepare_prefill, weight_bytes_per_token
+from seftc.runtime.engine import cache_kwarg
 from seftc.runtime.linear import SparseLinear
 
 
@@ -176,11 +177,8 @@ def _prefill(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
 
 def _cache_names(model: nn.Module) -> tuple[str, str]:
     """(forward keyword, output attribute) of the KV cache: `cache` in newer transformers."""
-    import inspect
-
-    if "cache" in inspect.signature(model.forward).parameters:
-        return "cache", "cache"
-    return "past_key_values", "past_key_values"
+    name = cache_kwarg(model)
+    return name, name
 
 
 def _decode_samples(model: nn.Module, ids: torch.Tensor, new_tokens: int, device: str) -> list[float]:

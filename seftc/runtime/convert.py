@@ -152,33 +152,41 @@ def _is_packed(folder) -> bool:
     return isinstance(config, dict) and ("compression_config" in config or "quantization_config" in config)
 
 
-def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = True,
-                      min_sparsity: float = MIN_SPARSITY, trust_remote_code: bool = False) -> RuntimePair:
+def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = True, need_sparse: bool = True,
+                      require_sparse: bool = True, min_sparsity: float = MIN_SPARSITY,
+                      trust_remote_code: bool = False) -> RuntimePair:
     """Load MODEL (a pruned folder or a packed folder) as a dense model and a sparse-runtime model
     in `dtype`. Sparse layers come from the packed components when the folder is packed, and from
-    the pruned dense weights otherwise. Code a checkpoint names runs only with `trust_remote_code`."""
+    the pruned dense weights otherwise. Without `need_dense` (or `need_sparse`) that side is None.
+    With `require_sparse` (the default) a model with no layer sparse enough is an error; without it,
+    such a model comes back unconverted as `sparse` (dense, `conversion.converted` empty). Code a
+    checkpoint names runs only with `trust_remote_code`."""
     import copy
     from pathlib import Path
 
     from seftc.errors import SeftcError
     from seftc.models.loading import _torch_dtype, resolve_model
 
+    if not (need_dense or need_sparse):
+        raise ValueError("load_runtime_pair: ask for the dense model, the sparse one, or both")
     torch_dtype = _torch_dtype(dtype, torch.float32)
     path = Path(str(spec)).expanduser()
+    conversion = ConversionResult()
     if path.is_dir() and _is_packed(path):
         from seftc.formats.packing import packed_files
         from seftc.formats.sparse_model import load_sparse
 
         try:
             checksums = packed_files(path).checksums
-            sparse = load_sparse(path, trust_remote_code=trust_remote_code)
+            sparse = load_sparse(path, trust_remote_code=trust_remote_code) if need_sparse else None
             dense = load_sparse(path, dense=True, trust_remote_code=trust_remote_code) if need_dense else None
         except SeftcError:
             raise
         except Exception as e:  # FormatError subclasses SeftcError; anything else is a bad folder
             raise SeftcError(f"cannot load packed folder {path}: {str(e).splitlines()[0][:200]}") from None
-        conversion = sparsify_model(sparse, targets=[], min_sparsity=min_sparsity)
-        sparse = sparse.to(torch_dtype)
+        if sparse is not None:
+            conversion = sparsify_model(sparse, targets=[], min_sparsity=min_sparsity)
+            sparse = sparse.to(torch_dtype)
         dense = dense.to(torch_dtype) if dense is not None else None
         source = "packed"
         tokenizer = _tokenizer(path, trust_remote_code)
@@ -187,16 +195,16 @@ def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = T
 
         checksums = None
         loaded = load_model(resolve_model(spec, trust_remote_code=trust_remote_code), dtype=dtype, trust_remote_code=trust_remote_code)
-        dense = loaded.model
-        sparse = copy.deepcopy(dense) if need_dense else dense
-        conversion = sparsify_model(sparse, min_sparsity=min_sparsity)
+        dense = loaded.model if need_dense else None
+        sparse = None
+        if need_sparse:
+            sparse = copy.deepcopy(loaded.model) if need_dense else loaded.model
+            conversion = sparsify_model(sparse, min_sparsity=min_sparsity)
         source = "pruned"
         tokenizer = loaded.tokenizer
-        if not need_dense:
-            dense = None
-    if not conversion.converted:
+    if need_sparse and require_sparse and not conversion.converted:
         raise SeftcError(f"{spec}: no linear layer is sparse enough (>= {min_sparsity:.0%} zeros) to run sparse; prune it first (seftc prune)")
-    return RuntimePair(dense, sparse.eval(), tokenizer, conversion, source, checksums)
+    return RuntimePair(dense, sparse.eval() if sparse is not None else None, tokenizer, conversion, source, checksums)
 
 
 def _tokenizer(folder, trust_remote_code: bool = False) -> Any | None:

@@ -1,0 +1,51 @@
+"""`seftc serve MODEL`: an OpenAI-compatible HTTP server on the sparse runtime."""
+from __future__ import annotations
+
+import click
+
+from seftc.cli.common import note_checksums, stderr, user_errors
+from seftc.errors import SeftcError
+
+
+@click.command("serve")
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Sequences decoded together; more wait in the queue.")
+@click.option("--max-queue", "max_waiting", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests waiting beyond the free batch slots; above it the server answers 429.")
+@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Most new tokens one request may ask for (above it: 400).")
+@click.option("--api-key", default=None, envvar="SEFTC_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on /v1 requests.")
+@click.option("--model-name", default=None, help="The model id clients send (default: the folder's name).")
+@click.option("--dense", is_flag=True, help="Serve the dense model instead of the sparse runtime (for comparison).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: torch's).")
+@click.option("--drain-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM.")
+@click.option("--access-log", is_flag=True, help="Log every request on stderr.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
+@user_errors
+def serve(model: str, **options) -> None:
+    """Serve MODEL (a pruned, repaired or packed folder, or `default`) over the OpenAI HTTP API:
+    /v1/completions, /v1/chat/completions (streamed or not), /v1/models, /health, /metrics.
+    Concurrent requests are batched; SIGTERM drains in-flight requests, then exits 0."""
+    try:
+        from seftc.serve.server import ServeConfig, load_served_model, run
+    except ImportError as e:
+        raise SeftcError(f"seftc serve needs its extra ({e.name} is missing): pip install 'seftc[serve]'") from None
+
+    cfg = ServeConfig(model=model, **options)
+    with stderr.status(f"loading {model}…"):
+        served = load_served_model(cfg)
+    if served.checksums:
+        note_checksums(served.checksums)
+    where = f"sparse runtime, {served.sparse_layers} sparse layers" if served.runtime == "sparse" else "dense"
+    if served.runtime == "dense" and not cfg.dense:
+        where += f" (no layer is sparse enough to run sparse; prune it first for the sparse runtime)"
+    stderr.print(f"[bold]seftc serve[/bold] {served.name} ({where}, {cfg.dtype}, {cfg.device}), "
+                 f"max batch {cfg.max_batch}")
+    run(cfg, served, on_started=lambda url: stderr.print(f"listening on {url} (OpenAI API at {url}/v1)"))
