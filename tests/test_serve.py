@@ -2,6 +2,7 @@
 `openai` client (and httpx for what the client cannot send). One server for the module; the SIGTERM
 test starts its own."""
 import json
+from pathlib import Path
 import os
 import signal
 import socket
@@ -311,3 +312,81 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(model_dir):
             httpx.get(f"{srv.url}/health")
     finally:
         srv.stop()
+
+
+def _cli(*args):
+    r = subprocess.run([sys.executable, "-m", "seftc.cli.main", *args], capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_help_lists_serve_without_importing_torch_or_fastapi():
+    code = ("import sys\nfrom seftc.cli.main import cli\ntry:\n    cli(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert not {'torch', 'fastapi', 'uvicorn'} & set(sys.modules), sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "serve" in r.stdout
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["/no/such/model"], "does not exist"),
+    (["{model}", "--dtype", "float16"], "float16 needs --device cuda"),
+    (["{model}", "--port", "{busy}"], "choose another --port"),
+])
+def test_serve_bad_input_is_one_line_exit_2(args, expect, model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv = [a.format(model=model_dir, busy=busy.getsockname()[1]) for a in args]
+        code, _, err = _cli("serve", *argv)
+    assert code == 2 and expect in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_load_generator_and_report(server, tmp_path):
+    """`make bench-serve`'s load generator against this module's server, and its report."""
+    import asyncio
+    from types import SimpleNamespace
+
+    bench = _bench_module()
+    target = SimpleNamespace(name=NAME, url=server.url, rss=lambda: 100 << 20, peak_rss=120 << 20)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    results = []
+    for label, conc in (("dense", 1), ("sparse", 1), ("dense", 2), ("sparse", 2)):
+        r = asyncio.run(bench.run_level(target, [[5, 6, 7, 8], [9, 10, 11]], conc, 3, 4, headers))
+        assert r.errors == 0 and r.output_tokens == 12 and len(r.ttft_ms) == 3 and len(r.itl_ms) == 9
+        r.model = label
+        results.append(r)
+    args = SimpleNamespace(dense="D", prompt_tokens=4, new_tokens=4, rounds=1)
+    meta = {"machine": "test", "sparse": "S", "max_batch": 2, "exit": {"dense": 0, "sparse": 0}}
+    text = bench.write_report(tmp_path / "serve.md", results, {"dense": target, "sparse": target}, args, meta,
+                              {"dense": 100.0, "sparse": 100.0})
+    assert (tmp_path / "serve.md").read_text() == text
+    assert "| sparse | 2 | 3 |" in text and "zero errors: met (0)" in text and "concurrency 1, sparse" in text
+
+
+@pytest.mark.slow
+def test_bench_serve_script_end_to_end(model_dir, tmp_path):
+    """The whole script on tiny folders (two servers, pruning skipped): `make test-slow`."""
+    from conftest import _TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(_TEXT)
+    out = tmp_path / "serve.md"
+    r = subprocess.run([sys.executable, "bench/bench_serve.py", "--dense", str(model_dir.parent / "dense"),
+                        "--sparse", str(model_dir), "--concurrency", "1,2", "--requests", "2", "--new-tokens", "4",
+                        "--prompt-tokens", "8", "--text", str(corpus), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "zero errors: met (0)" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["results"]

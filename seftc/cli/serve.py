@@ -34,11 +34,12 @@ def serve(model: str, **options) -> None:
     /v1/completions, /v1/chat/completions (streamed or not), /v1/models, /health, /metrics.
     Concurrent requests are batched; SIGTERM drains in-flight requests, then exits 0."""
     try:
-        from seftc.serve.server import ServeConfig, load_served_model, run
+        from seftc.serve.server import ServeConfig, check_port, load_served_model, run
     except ImportError as e:
         raise SeftcError(f"seftc serve needs its extra ({e.name} is missing): pip install 'seftc[serve]'") from None
 
     cfg = ServeConfig(model=model, **options)
+    check_port(cfg.host, cfg.port)  # before the model loads: a busy port fails at once
     with stderr.status(f"loading {model}…"):
         served = load_served_model(cfg)
     if served.checksums:

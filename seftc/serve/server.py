@@ -107,7 +107,7 @@ class _Server(uvicorn.Server):
             self.on_started(f"http://{self.config.host}:{port}")
 
 
-def _check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -123,7 +123,7 @@ def _check_port(host: str, port: int) -> None:
 
 def run(cfg: ServeConfig, served: ServedModel, on_started: Callable[[str], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; returns 0 after a graceful drain."""
-    _check_port(cfg.host, cfg.port)
+    check_port(cfg.host, cfg.port)
     app = build_app(cfg, served)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
                             timeout_graceful_shutdown=cfg.drain_timeout, lifespan="on")
