@@ -390,3 +390,22 @@ def test_bench_serve_script_end_to_end(model_dir, tmp_path):
                        capture_output=True, text=True, timeout=900, cwd=str(Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "zero errors: met (0)" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["results"]
+
+
+def test_compress_serve_stage_reports_latency(tiny_dir, tmp_path):
+    """`seftc compress` with a `serve:` stage: the packed model behind the real server, in the report."""
+    from seftc.compress.pipeline import compress
+    from seftc.compress.recipe import recipe_from_dict
+
+    text = str(Path(__file__).with_name("data") / "sonnets.txt")
+    recipe = recipe_from_dict({"model": {"path": str(tiny_dir)},
+                               "prune": {"method": "magnitude", "sparsity": 0.7, "calib": text, "nsamples": 2, "seqlen": 16},
+                               "repair": False, "pack": {"format": "auto"}, "export": False, "bench": False, "eval": False,
+                               "serve": {"requests": 3, "concurrency": 2, "max_tokens": 4}})
+    result = compress(recipe=recipe, run_dir=tmp_path / "run")
+    srv = result.report["serve"]
+    assert srv["model"] == "packed" and srv["runtime"] == "sparse" and srv["sparse_layers"] > 0
+    assert srv["errors"] == 0 and srv["latency_ms"]["p50"] > 0 and srv["ttft_ms"]["max"] <= srv["latency_ms"]["max"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Serving smoke test" in md and "| 3 | 0 |" in md
+    assert recipe_from_dict({}).serve is None  # off unless a recipe asks for it

@@ -176,6 +176,20 @@ def compress(
 
             stage(f"eval-{variant}", ecfg, [keys[variant]], do_eval)
 
+    if recipe.serve:
+        scfg = recipe.serve.model_dump()
+        if _available("fastapi") and _available("uvicorn"):
+            served = "packed" if "packed" in models else final
+
+            def do_serve(tmp: Path) -> dict[str, Any]:
+                from seftc.serve.smoke import smoke_test
+
+                return {"model": served, "summary": smoke_test(models[served], **scfg)}
+
+            stage("serve", scfg, [keys[served]], do_serve)
+        else:
+            log("serve: skipped (install the [serve] extra for the server)")
+
     from seftc.compress.report import write_report
 
     report = write_report(run, recipe, models, outcomes, wall_s=time.perf_counter() - started)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from seftc.errors import SeftcError, validated
 from seftc.repair.config import RepairConfig
 
-STAGES = ("model", "prune", "repair", "pack", "export", "bench", "eval")
+STAGES = ("model", "prune", "repair", "pack", "export", "bench", "eval", "serve")
 
 
 class _Strict(BaseModel):
@@ -72,9 +72,20 @@ class EvalStage(_Strict):
     seqlen: int = Field(512, ge=8)
 
 
+class ServeStage(_Strict):
+    """Optional (off unless the recipe names it): the final model behind `seftc serve`, a few
+    streamed requests, latency in the report."""
+
+    requests: int = Field(4, ge=1, le=64)
+    concurrency: int = Field(2, ge=1, le=16)
+    max_tokens: int = Field(16, ge=1, le=512)
+    prompt: str = "The quality of mercy is not strained;"
+    device: str = "cpu"
+
+
 STAGE_TYPES: dict[str, type[BaseModel]] = {
     "model": ModelStage, "prune": PruneStage, "repair": RepairStage, "pack": PackStage,
-    "export": ExportStage, "bench": BenchStage, "eval": EvalStage,
+    "export": ExportStage, "bench": BenchStage, "eval": EvalStage, "serve": ServeStage,
 }
 
 
@@ -90,6 +101,7 @@ class Recipe(BaseModel):
     export: ExportStage | None = ExportStage()
     bench: BenchStage | None = BenchStage()
     eval: EvalStage | None = EvalStage()
+    serve: ServeStage | None = None
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ def write_report(run: Path, recipe: Recipe, models: dict[str, str], outcomes: li
             _flag_distorted(report["speed"])
     if "export" in by:
         report["export"] = by["export"].result.get("summary")
+    if "serve" in by:
+        report["serve"] = {"model": by["serve"].result.get("model"), **(by["serve"].result.get("summary") or {})}
     report["plot_captions"] = _captions(report)
     report["plots"] = _plots(run, report)
     (run / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -370,6 +372,7 @@ def _markdown(report: dict[str, Any]) -> str:
     speed = report.get("speed")
     if speed and speed.get("results"):
         lines += _speed_section(report, speed)
+    lines += _serve_section(report)
     lines += ["## Stages", "", "| stage | this run | seconds | folder |", "|---|---|---|---|"]
     for s in report["stages"]:
         if s["cached"]:
@@ -467,4 +470,23 @@ def _speed_section(report: dict[str, Any], speed: dict[str, Any]) -> list[str]:
         lines += [f"Per-layer kernel timings: {len(layers)} of {len(speed['layers'])} distorted "
                   f"(e.g. {layers[0]['name']}: {layers[0]['distorted']}).", ""]
     lines += _image(report, "speedup")
+    return lines
+
+
+def _serve_section(report: dict[str, Any]) -> list[str]:
+    srv = report.get("serve")
+    if not srv:
+        return []
+    lat, ttft = srv.get("latency_ms") or {}, srv.get("ttft_ms") or {}
+    nan = float("nan")
+    lines = ["## Serving smoke test", "",
+             f"The {srv.get('model')} model behind `seftc serve` ({srv.get('runtime')}, {srv.get('sparse_layers')} sparse "
+             f"layers) on loopback: {srv['requests']} streamed completions, {srv['concurrency']} at a time, "
+             f"{srv['max_tokens']} new tokens each, temperature 0.", "",
+             "| requests | errors | latency p50 ms | latency max ms | TTFT p50 ms | TTFT max ms | output tok/s |",
+             "|---|---|---|---|---|---|---|",
+             f"| {srv['requests']} | {srv['errors']} | {lat.get('p50', nan):.1f} | {lat.get('max', nan):.1f} | "
+             f"{ttft.get('p50', nan):.1f} | {ttft.get('max', nan):.1f} | {srv.get('output_tokens_per_s') or 0:.1f} |", ""]
+    if srv.get("first_error"):
+        lines += [f"First error: {srv['first_error']}", ""]
     return lines
