@@ -171,3 +171,27 @@ def test_prompt_beyond_the_context_is_refused(sparse_llama, tok):
     engine = Engine(sparse_llama, tok)
     with pytest.raises(SeftcError, match="context"):
         engine.submit([1] * engine.context, GREEDY)
+
+
+def test_a_failing_step_fails_its_batch_but_not_the_worker(sparse_llama, tok):
+    engine = Engine(sparse_llama, tok)
+    good = _prompts(tok)[0]
+    alone = engine.generate(good, GREEDY).tokens
+    real, calls = engine._advance, []
+
+    def broken_once(rows, logits):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("bug")
+        return real(rows, logits)
+
+    engine._advance = broken_once
+    thread = threading.Thread(target=engine.run_forever)
+    thread.start()
+    first = engine.submit(good, GREEDY)
+    assert first.wait(60) and first.finish_reason == "error" and "bug" in first.error
+    second = engine.submit(good, GREEDY)
+    assert second.wait(60) and second.tokens == alone
+    engine.shutdown()
+    thread.join(60)
+    assert engine.running == 0

@@ -316,7 +316,15 @@ class Engine:
                     if self._stopping:
                         return
                     self._cond.wait()
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug in a step fails the batch in it, never the loop (or the server)
+                self._fail_running(f"{type(e).__name__}: {e}")
+
+    def _fail_running(self, error: str) -> None:
+        for seq in self._rows:
+            self._end(seq, "error", error)
+        self._remove(list(range(len(self._rows))))
 
     def generate(self, prompt: Seq[int], params: SamplingParams) -> Sequence:
         """Run one prompt to the end in the caller's thread (not while `run_forever` runs)."""
@@ -399,9 +407,7 @@ class Engine:
         try:
             logits = self._forward(self._next[:, None], self._mask, self._positions[:, None], self._cache)
         except Exception as e:
-            for s in self._rows:
-                self._end(s, "error", f"decode failed: {type(e).__name__}: {e}")
-            self._remove(list(range(rows)))
+            self._fail_running(f"decode failed: {type(e).__name__}: {e}")
             return
         self._positions = self._positions + 1
         self.stats.steps += 1
