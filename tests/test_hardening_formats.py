@@ -249,6 +249,15 @@ def test_generate_and_bench_refuse_auto_map(remote_code_folder, command):
     assert "--trust-remote-code" in r.output and not sentinel.exists()
 
 
+def test_bench_model_refuses_auto_map(remote_code_folder):
+    from seftc.runtime.bench import bench_model
+
+    folder, sentinel = remote_code_folder
+    with pytest.raises(SeftcError, match="--trust-remote-code"):
+        bench_model(str(folder), repeats=1)
+    assert not sentinel.exists()
+
+
 @pytest.mark.parametrize("command", ["generate", "bench", "eval", "pack", "inspect", "export", "prune"])
 def test_every_loading_command_has_the_flag(command):
     assert "--trust-remote-code" in run(command, "--help").output
@@ -384,6 +393,17 @@ def test_load_sparse_refuses_a_dense_tensor_of_the_wrong_shape(tiny, tmp_path):
     tensors["model.layers.1.self_attn.q_proj.weight"] = torch.ones(5, 5)
     forge(out / "packed.safetensors", tensors)
     with pytest.raises(FormatError, match="model.layers.1.self_attn.q_proj.weight|model.norm.weight"):
+        load_sparse(out)
+
+
+def test_load_sparse_refuses_an_integer_weight(tiny, tmp_path):
+    from seftc.formats.sparse_model import load_sparse
+
+    out = tmp_path / "p"
+    tensors = packed_tensors(tiny[0], out)
+    tensors["model.norm.weight"] = torch.ones(64, dtype=torch.int64)
+    forge(out / "packed.safetensors", tensors)
+    with pytest.raises(FormatError, match="model.norm.weight.*int64"):
         load_sparse(out)
 
 

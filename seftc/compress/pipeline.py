@@ -132,7 +132,8 @@ def compress(
         def do_pack(tmp: Path) -> dict[str, Any]:
             from seftc.formats.packing import pack_folder
 
-            result = pack_folder(models[final], tmp / "model", pcfg["format"], progress=progress)
+            result = pack_folder(models[final], tmp / "model", pcfg["format"], trust_remote_code=recipe.model.trust_remote_code,
+                                 progress=progress)
             return {"summary": result.summary(), "tensors": {k: vars(v) for k, v in result.tensors.items()}}
 
         o = stage("pack", pcfg, [keys[final]], do_pack)
@@ -158,7 +159,8 @@ def compress(
                 from seftc.runtime.bench import bench_model
 
                 batches = [int(b) for b in str(bcfg["batch"]).split(",") if b]
-                result = bench_model(models[final], device=bcfg["device"], batches=batches, repeats=bcfg["repeats"])
+                result = bench_model(models[final], device=bcfg["device"], batches=batches, repeats=bcfg["repeats"],
+                                     trust_remote_code=recipe.model.trust_remote_code)
                 return {"summary": _plain(result)}
 
             stage("bench", bcfg, [keys[final]], do_bench)

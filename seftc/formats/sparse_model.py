@@ -84,6 +84,7 @@ def load_sparse(path: str | os.PathLike, dense: bool = False, *, validate: bool 
         raise FormatError(f"{folder}: cannot build a model from config.json ({str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__})") from None
 
     expected = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    floating = {n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()}
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, PackedTensor] = {}
     wrong: list[str] = []
@@ -94,6 +95,9 @@ def load_sparse(path: str | os.PathLike, dense: bool = False, *, validate: bool 
         if tuple(entry.shape) != expected[name]:
             wrong.append(f"{name!r} is {list(entry.shape)}, the config needs {list(expected[name])}")
             continue
+        if (name in floating) != entry.dtype.is_floating_point:
+            raise FormatError(f"{folder}: tensor {name!r} is stored as {entry.dtype}, but the model's {name!r} is "
+                              f"{'a floating-point' if name in floating else 'an integer'} tensor")
         if dense or entry.format == "dense":
             state[name] = reader.read_dense(name)
         else:

@@ -336,9 +336,10 @@ def run_bench(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str
 
 
 def bench_model(model: str, *, device: str = "cpu", dtype: str = "float32", batches: Sequence[int] = (1, 4, 16),
-                repeats: int = 5, **options: Any) -> BenchResult:
-    """`seftc.bench`: load MODEL (pruned or packed folder) dense and sparse, and time both in one run."""
+                repeats: int = 5, trust_remote_code: bool = False, **options: Any) -> BenchResult:
+    """`seftc.bench`: load MODEL (pruned or packed folder) dense and sparse, and time both in one run
+    (code MODEL's config names runs only with `trust_remote_code`)."""
     from seftc.runtime.convert import load_runtime_pair
 
-    pair = load_runtime_pair(model, dtype)
+    pair = load_runtime_pair(model, dtype, trust_remote_code=trust_remote_code)
     return run_bench(pair.dense, pair.sparse, BenchConfig(batches=tuple(batches), repeats=repeats, **options), device)
