@@ -55,6 +55,7 @@ class LevelResult:
     itl_ms: list[float] = field(default_factory=list, repr=False)
     rss_start_mib: float = 0.0
     rss_end_mib: float = 0.0
+    mean_batch: float = float("nan")  # rows per decode step over the level, from the server's /metrics
 
     @property
     def requests_per_s(self) -> float:
@@ -70,7 +71,7 @@ class LevelResult:
                 "output_tokens_per_s": self.tokens_per_s, "errors": self.errors,
                 "ttft_ms_p50": _pct(self.ttft_ms, 50), "ttft_ms_p99": _pct(self.ttft_ms, 99),
                 "itl_ms_p50": _pct(self.itl_ms, 50), "itl_ms_p99": _pct(self.itl_ms, 99),
-                "rss_start_mib": self.rss_start_mib, "rss_end_mib": self.rss_end_mib}
+                "rss_start_mib": self.rss_start_mib, "rss_end_mib": self.rss_end_mib, "mean_batch": self.mean_batch}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -192,11 +193,30 @@ async def run_level(server: ServerProcess, prompts: list[list[int]], concurrency
                     result.ttft_ms.append((times[0] - sent) * 1e3)
                     result.itl_ms.extend((b - a) * 1e3 for a, b in zip(times, times[1:]))
 
+        before = await _engine_counters(client, server.url)
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         result.seconds = time.perf_counter() - start
+        after = await _engine_counters(client, server.url)
+        steps = after.get("seftc_engine_decode_steps", 0) - before.get("seftc_engine_decode_steps", 0)
+        if steps > 0:
+            result.mean_batch = (after["seftc_engine_decode_rows"] - before["seftc_engine_decode_rows"]) / steps
     result.rss_end_mib = server.rss() / MIB
     return result
+
+
+async def _engine_counters(client, url: str) -> dict[str, float]:
+    """The engine's step counters from the server's Prometheus text (empty if unreadable)."""
+    try:
+        text = (await client.get(f"{url}/metrics")).text
+    except Exception:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("seftc_engine_"):
+            out[name] = float(value)
+    return out
 
 
 def make_prompts(tokenizer_dir: str, text_source: str, n: int, length: int) -> list[list[int]]:
@@ -246,15 +266,15 @@ def write_report(path: Path, results: list[LevelResult], servers: dict[str, Serv
         f"{meta['max_batch']}), driven in turn (alternating order) by a bounded load generator: "
         f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, temperature 0, streamed; "
         f"{args.rounds} round(s), medians over rounds. TTFT: from sending the request to the first token; "
-        f"ITL: between consecutive tokens of one request.",
+        f"ITL: between consecutive tokens of one request; mean batch: rows per decode step on the server over the level.",
         "",
-        "| model | concurrency | requests | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | concurrency | requests | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (model, conc), s in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {model} | {conc} | {s['requests']} | {_fmt(s['requests_per_s'], 2)} | "
                      f"{_fmt(s['output_tokens_per_s'])} | {_fmt(s['ttft_ms_p50'])} | {_fmt(s['ttft_ms_p99'])} | "
-                     f"{_fmt(s['itl_ms_p50'])} | {_fmt(s['itl_ms_p99'])} | {s['errors']} |")
+                     f"{_fmt(s['itl_ms_p50'])} | {_fmt(s['itl_ms_p99'])} | {s['errors']} | {_fmt(s['mean_batch'])} |")
     lines += ["", "Server memory (resident, MiB): after warm-up, peak over the run, at the end.", "",
               "| model | after warm-up | peak | end | growth (end − warm-up) |", "|---|---|---|---|---|"]
     for name, srv in servers.items():

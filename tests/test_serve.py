@@ -366,6 +366,7 @@ def test_bench_load_generator_and_report(server, tmp_path):
     for label, conc in (("dense", 1), ("sparse", 1), ("dense", 2), ("sparse", 2)):
         r = asyncio.run(bench.run_level(target, [[5, 6, 7, 8], [9, 10, 11]], conc, 3, 4, headers))
         assert r.errors == 0 and r.output_tokens == 12 and len(r.ttft_ms) == 3 and len(r.itl_ms) == 9
+        assert 1.0 <= r.mean_batch <= conc  # read from the server's /metrics around the level
         r.model = label
         results.append(r)
     args = SimpleNamespace(dense="D", prompt_tokens=4, new_tokens=4, rounds=1)

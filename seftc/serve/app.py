@@ -261,6 +261,9 @@ def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI
             _cancel(seq)
 
     def _failed(seq: Sequence) -> p.APIError:
+        if seq.finish_reason == "cancelled":  # only a shutdown that gave up draining cancels a live request
+            return p.APIError(503, "the request was cancelled: the server is shutting down", "server_error",
+                              code="unavailable")
         return p.APIError(500, seq.error or "generation failed", "server_error")
 
     def _sse(obj: Any) -> str:
@@ -327,7 +330,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI
         done = await _collect(request, seq, queue)
         if done is None:
             return Response(status_code=499)
-        if done.finish_reason == "error":
+        if done.finish_reason in ("error", "cancelled"):
             raise _failed(done)
         return p.completion(rid, settings.model_name, done.text, done.finish_reason,
                             p.usage(len(done.prompt), len(done.tokens)))
@@ -357,7 +360,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI
         done = await _collect(request, seq, queue)
         if done is None:
             return Response(status_code=499)
-        if done.finish_reason == "error":
+        if done.finish_reason in ("error", "cancelled"):
             raise _failed(done)
         return p.chat_completion(rid, settings.model_name, done.text, done.finish_reason,
                                  p.usage(len(done.prompt), len(done.tokens)))
