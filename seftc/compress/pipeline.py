@@ -186,7 +186,8 @@ def compress(
             def do_serve(tmp: Path) -> dict[str, Any]:
                 from seftc.serve.smoke import smoke_test
 
-                return {"model": served, "summary": smoke_test(models[served], **scfg)}
+                return {"model": served, "summary": smoke_test(models[served], trust_remote_code=recipe.model.trust_remote_code,
+                                                               **scfg)}
 
             stage("serve", scfg, [keys[served]], do_serve)
         else:

@@ -45,14 +45,14 @@ def _request(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, An
 
 def smoke_test(model: str, *, requests: int = 4, concurrency: int = 2, max_tokens: int = 16,
                prompt: str = "The quality of mercy is not strained;", device: str = "cpu",
-               dtype: str = "float32") -> dict[str, Any]:
+               dtype: str = "float32", trust_remote_code: bool = False) -> dict[str, Any]:
     """Serve `model`, send `requests` streamed completions, stop; returns the figures."""
     import uvicorn
 
     from seftc.serve.server import ServeConfig, build_app, load_served_model
 
     cfg = ServeConfig(model=model, device=device, dtype=dtype, max_batch=max(1, concurrency),
-                      max_waiting=requests, max_tokens=max_tokens, model_name="smoke")
+                      max_waiting=requests, max_tokens=max_tokens, model_name="smoke", trust_remote_code=trust_remote_code)
     served = load_served_model(cfg)
     app = build_app(cfg, served)
     sock = socket.socket()
