@@ -138,16 +138,28 @@ def test_slot_adam_bias_correction_is_per_slot():
 
 
 # -- end to end ----------------------------------------------------------------------------------
+# SEFT v2 options (issue 16): window / Fisher eviction scores, importance blend, caps, cool-down, the pull to the base
+V2 = dict(evict_score="fisher", grow_candidates="window", row_cap=0.2, reactivation_cap=0.05, evict_cooldown=1, delta_decay=0.5)
+V2_BLEND = dict(evict_score="window", evict_blend=0.3, row_cap=0.2, reactivation_cap=0.05, reactivation_margin=0.5)
+
+
 @pytest.mark.parametrize("which", ["u70", "nm24"])
-@pytest.mark.parametrize("reactivation", ["gain", "always"])
-def test_seft_keeps_exact_per_layer_sparsity_and_regrows(pruned, tmp_path, which, reactivation):
+@pytest.mark.parametrize("options", [dict(reactivation="gain"), dict(reactivation="always"), dict(reactivation="always", **V2),
+                                     dict(reactivation="gain", **V2_BLEND)], ids=["gain", "always", "v2", "v2-blend"])
+def test_seft_keeps_exact_per_layer_sparsity_and_regrows(pruned, tmp_path, which, options):
     src = pruned / which
     out = tmp_path / "r"
-    r = repair(str(src), method="seft", output=out, density=0.05, reactivation=reactivation, **QUICK)
+    r = repair(str(src), method="seft", output=out, density=0.05, **options, **QUICK)
     assert _saved_nonzero(out) == _saved_nonzero(src)
     m = Manifest.load(out)
     regrown = sum(s["regrown"] for s in m.layer_stats.values())
     assert regrown > 0 and all(s["updates"] == 2 for s in m.layer_stats.values())
+    for key, value in options.items():  # every choice recorded in the manifest
+        assert m.config[key] == value
+    if "row_cap" in options:  # the caps held at every update
+        assert all(s["rows_emptied"] == 0 for s in m.layer_stats.values())
+        limit = sum(int(options["reactivation_cap"] * n) for n in _saved_nonzero(src).values())  # floor(cap × T) per layer
+        assert all(u["regrown"] <= limit for u in r.history["updates"])
     if which == "nm24":
         state = load_file(out / "model.safetensors")
         assert all(nm_holds(state[rec.name + ".weight"], Pattern(2, 4)) for rec in m.layers)
@@ -194,13 +206,17 @@ def _quick_args(**over):
     return out
 
 
-def test_resume_after_kill_matches_uninterrupted_run(pruned, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--evict-score", "fisher", "--grow-candidates", "window", "--evict-blend", "0.3", "--row-cap", "0.2",
+                                     "--evict-cooldown", "1", "--delta-decay", "0.5", "--reactivation-cap", "0.05"]], ids=["default", "v2"])
+def test_resume_after_kill_matches_uninterrupted_run(pruned, tmp_path, extra):
+    """v2: the checkpoint lands inside an accumulation window (steps 2-3 of each 4), so the
+    window accumulators, the cool-down list, the merged store and the importance travel in it."""
     src = pruned / "u70"
     ref = tmp_path / "ref"
-    p = _cli("repair", src, "-o", ref, "--density", "0.05", *_quick_args())
+    p = _cli("repair", src, "-o", ref, "--density", "0.05", *extra, *_quick_args())
     assert p.wait(timeout=300) == 0, p.stderr.read()
     out = tmp_path / "resumed"
-    p = _cli("repair", src, "-o", out, "--density", "0.05", "--checkpoint-every", "3", *_quick_args())
+    p = _cli("repair", src, "-o", out, "--density", "0.05", "--checkpoint-every", "3", *extra, *_quick_args())
     ckpt = tmp_path / "resumed.checkpoint" / "latest"
     deadline = time.time() + 300
     while not ckpt.exists() and p.poll() is None and time.time() < deadline:
@@ -208,7 +224,7 @@ def test_resume_after_kill_matches_uninterrupted_run(pruned, tmp_path):
     p.kill()
     p.wait()
     assert ckpt.exists() and not out.exists(), "the run finished before it could be killed"
-    p = _cli("repair", src, "-o", out, "--density", "0.05", "--checkpoint-every", "3", "--resume", *_quick_args())
+    p = _cli("repair", src, "-o", out, "--density", "0.05", "--checkpoint-every", "3", "--resume", *extra, *_quick_args())
     assert p.wait(timeout=300) == 0, p.stderr.read()
     a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

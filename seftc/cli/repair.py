@@ -26,6 +26,24 @@ from seftc.cli.common import print_json, progress_bars, stderr, user_errors
 @click.option("--init", type=click.Choice(["random", "gradient"]), default="random", show_default=True, help="SEFT: initial delta positions.")
 @click.option("--reactivation", type=click.Choice(["gain", "always"]), default="gain", show_default=True,
               help="SEFT: grow into pruned positions only where the gain pays for the eviction, or always.")
+@click.option("--evict-score", type=click.Choice(["last", "window", "fisher", "wanda", "magnitude", "random"]), default="last",
+              show_default=True, help="SEFT: eviction (prune-back) cost: last batch |W·g|, window-mean |W·g|, Fisher/OBD, or an importance.")
+@click.option("--evict-blend", type=float, default=0.0, show_default=True, help="SEFT: weight of the pruning-time importance |W|·‖X‖ in the eviction cost.")
+@click.option("--importance-windows", type=int, default=8, show_default=True, help="SEFT: calibration windows for ‖X‖ (wanda score or blend).")
+@click.option("--grow-candidates", type=click.Choice(["first", "window"]), default="first", show_default=True,
+              help="SEFT: growth candidates from the window's first batch or its summed gradient.")
+@click.option("--reactivation-cap", type=float, default=None, help="SEFT: reactivations per update ≤ this fraction of a layer's active weights.")
+@click.option("--row-cap", type=float, default=None, help="SEFT: evictions per output row and update ≤ this fraction of the row's active weights.")
+@click.option("--reactivation-stop", type=float, default=1.0, show_default=True, help="SEFT: no reactivation after this fraction of the steps.")
+@click.option("--reactivation-margin", type=float, default=1.0, show_default=True, help="SEFT: gain rule reactivates only where gain > margin × cost.")
+@click.option("--evict-cooldown", type=int, default=0, show_default=True, help="SEFT: positions evicted in the last N updates are not regrown.")
+@click.option("--delta-decay", type=float, default=0.0, show_default=True, help="SEFT: decay of δ and merged δ toward the pruned base (L2-SP pull).")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
+              help="Decay after the warm-up (every method).")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Warm-up steps (every method).")
+@click.option("--damage-windows", type=int, default=0, show_default=True,
+              help="Log held-out loss before/after each SEFT topology update on this many windows (0 = off).")
+@click.option("--ood-data", default=None, help="Out-of-domain held-out text for the damage log.")
 @click.option("--lora-r", type=int, default=8, show_default=True)
 @click.option("--eval-every", type=int, default=20, show_default=True)
 @click.option("--grad-checkpointing", is_flag=True, help="Activation checkpointing (less memory, more compute).")
@@ -37,7 +55,7 @@ from seftc.cli.common import print_json, progress_bars, stderr, user_errors
 def repair(model: str, output: str, method: str, data: str, eval_data: str, steps: int, seqlen: int, batch_size: int,
            grad_accum: int, lr: float | None, seed: int, density: float, update_interval: int, accumulation: int, zeta0: float,
            protect: int, init: str, reactivation: str, lora_r: int, eval_every: int, grad_checkpointing: bool, checkpoint_every: int,
-           resume: bool, force: bool, as_json: bool) -> None:
+           resume: bool, force: bool, as_json: bool, **v2: object) -> None:
     """Repair a pruned MODEL (written by `seftc prune`) while keeping its sparsity."""
     from seftc.errors import SeftcError
     from seftc.repair.api import interrupted_message, repair as run_repair
@@ -47,7 +65,7 @@ def repair(model: str, output: str, method: str, data: str, eval_data: str, step
         method=method, data=data, eval_data=eval_data, steps=steps, seqlen=seqlen, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, seed=seed, density=density, update_interval=update_interval, accumulation=accumulation, zeta0=zeta0,
         protect=protect, init=init, reactivation=reactivation, lora_r=lora_r, eval_every=eval_every, grad_checkpointing=grad_checkpointing,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, **v2,
     )
     try:
         with progress_bars(not as_json) as bars:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from seftc.data.calibration import CalibConfig
 from seftc.errors import SeftcError
 from seftc.models.loading import LoadedModel, load_model, resolve_model
 from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
@@ -29,6 +30,7 @@ from seftc.progress import NO_PROGRESS, ProgressSink
 from seftc.repair import distributed
 from seftc.repair.config import RepairConfig, make_repair_config
 from seftc.repair.data import TokenWindows
+from seftc.repair.importance import input_sq_norms
 from seftc.repair.methods import make_method
 
 CHECKPOINT_SUFFIX = ".checkpoint"
@@ -44,12 +46,18 @@ class RepairResult:
 
 
 def lr_at(step: int, cfg: RepairConfig) -> float:
+    """The learning rate of `step`, the same schedule for every method: linear warm-up over
+    `warmup` steps, then `lr_schedule` (cosine or linear decay to `lr_min_ratio` × lr at the last
+    step, or constant)."""
     base = cfg.learning_rate
     if step < cfg.warmup:
         return base * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return base
     span = max(cfg.steps - cfg.warmup, 1)
     progress = (step - cfg.warmup) / span
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+    return base * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * shape)
 
 
 def _pruned_state(loaded: LoadedModel, allow_dense: bool = False) -> tuple[Manifest, list, dict[str, torch.Tensor]]:
@@ -105,6 +113,23 @@ def _reprune(source_manifest: Manifest, loaded: LoadedModel, cfg: RepairConfig):
     return reprune
 
 
+def _importance_calib(source: Manifest, cfg: RepairConfig) -> CalibConfig:
+    """The importance pass reads `importance_windows` windows of the text the model was pruned
+    with (the prune manifest's calibration source; the training text when it names none)."""
+    calib = source.calibration or {}
+    return CalibConfig(source=calib.get("source", cfg.data), nsamples=cfg.importance_windows, seqlen=cfg.seqlen,
+                       seed=calib.get("seed", cfg.seed))
+
+
+def _damage_windows(tokenizer, cfg: RepairConfig) -> dict[str, torch.Tensor]:
+    """The fixed held-out batches of the eviction-damage log: in-domain (eval_data) and, if given,
+    out-of-domain (ood_data); empty when the log is off."""
+    if not cfg.damage_windows:
+        return {}
+    sources = {"in": cfg.eval_data, **({"out": cfg.ood_data} if cfg.ood_data else {})}
+    return {k: TokenWindows.from_source(tokenizer, src, cfg.seqlen, cfg.seed).fixed(cfg.damage_windows) for k, src in sources.items()}
+
+
 def _ckpt_dir(output: Path | None, checkpoint_dir: str | os.PathLike | None) -> Path | None:
     if checkpoint_dir is not None:
         return Path(checkpoint_dir)
@@ -158,14 +183,19 @@ def repair(
         model_.enable_input_require_grads()
     params = method.trainable()
 
-    history: dict[str, list] = {"train_loss": [], "eval_loss": [], "regrown": [], "lr": []}
+    history: dict[str, list] = {"train_loss": [], "eval_loss": [], "regrown": [], "lr": [], "updates": [], "update_damage": []}
     start = 0
     ckpt = _ckpt_dir(out, checkpoint_dir)
     if resume:
         latest = _latest_checkpoint(ckpt)
         if latest is None:
             raise SeftcError(f"--resume: no checkpoint at {ckpt}; run with --checkpoint-every N first")
-        start, history = _load_checkpoint(latest, cfg, method)
+        start, loaded_history = _load_checkpoint(latest, cfg, method)
+        history.update(loaded_history)
+    elif method.needs_importance:  # on the pruned model, before any training (checkpointed with the state)
+        method.set_importance(input_sq_norms(model_, loaded.tokenizer, {t.name: model_.get_submodule(t.name) for t in targets},
+                                             _importance_calib(source_manifest, cfg)))
+    damage_sets = _damage_windows(loaded.tokenizer, cfg)
 
     n_micro = cfg.grad_accum
     local_batch = cfg.batch_size // dist.world
@@ -189,17 +219,25 @@ def repair(
         loss_value = float(reduce(loss_sum) if reduce else loss_sum)
         lr = lr_at(step, cfg)
         method.optimizer_step(lr)
+        before = {k: _eval_loss(model_, w, local_batch) for k, w in damage_sets.items()} if damage_sets and method.has_pending() else None
         info = method.after_step(step)
         history["train_loss"].append([step + 1, loss_value])
         history["lr"].append([step + 1, lr])
+        damage = None
         if info.get("regrown") is not None:
             history["regrown"].append([step + 1, info["regrown"]])
+            history["updates"].append({"step": step + 1, **info})
             last_regrown = info["regrown"]
+        if before is not None:
+            after = {k: _eval_loss(model_, w, local_batch) for k, w in damage_sets.items()}
+            history["update_damage"].append({"step": step + 1, **{f"{k}_{when}": v[k] for when, v in (("before", before), ("after", after)) for k in v}})
+            damage = {f"damage_{k}": after[k] - before[k] for k in before}
         tokens_seen += ids.numel() * dist.world
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             history["eval_loss"].append([step + 1, _eval_loss(model_, held_out, local_batch)])
         if hasattr(progress, "status"):
-            progress.status(step=step + 1, loss=loss_value, tokens_per_s=tokens_seen / (time.perf_counter() - t0), regrown=last_regrown)
+            progress.status(step=step + 1, loss=loss_value, tokens_per_s=tokens_seen / (time.perf_counter() - t0), regrown=last_regrown,
+                            **(damage or {}))
         advance(1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and ckpt is not None:
             if dist.is_main:

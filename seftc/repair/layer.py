@@ -4,6 +4,16 @@ Forward: y = x (W + scatter(η, δ))ᵀ + b, with W frozen and zero outside the 
 Backward forms the layer's dense weight gradient once, transiently, gathers δ's gradient from it
 at η, hands it to an optional observer (topology statistics) and frees it: no dense gradient
 outlives the layer's backward.
+
+Precision: δ is fp32. On an fp32 base a dropped slot's δ is merged straight into W (exact enough).
+On a bf16/fp16 base that merge would round away every δ below half a unit in the last place of
+its weight (~0.4% of it), so merges are *deferred*: kept in an fp32 sparse store (`merged_pos`,
+`merged_val`, coalesced per position), W stays the pruned base, and the forward adds the base
+product and the product with the fp32 drift (merged + δ) cast to the activation dtype, which keeps
+small updates (bf16 keeps 8 significant bits of each drift value, not of W + drift). `merge()`
+applies the drift once in fp32 and casts. The store is also used on fp32 bases when asked
+(`defer=True`: the L2-SP pull decays the whole drift from the pruned base, which needs it kept
+apart). Its size is the number of distinct positions ever dropped (int32 + fp32 per position).
 """
 from __future__ import annotations
 
@@ -17,17 +27,20 @@ import torch.nn.functional as F
 class _SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pos, delta, layer):  # type: ignore[override]
-        w_eff = layer.effective_weight(delta)
         ctx.save_for_backward(x, delta)
         ctx.layer = layer
-        return F.linear(x, w_eff, bias)
+        if not layer.defer:
+            return F.linear(x, layer.effective_weight(delta), bias)
+        return F.linear(x, layer.weight.to(x.dtype), bias) + F.linear(x, layer.drift(delta).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, delta = ctx.saved_tensors
         layer: SeftLinear = ctx.layer
-        w_eff = layer.effective_weight(delta)
-        grad_x = grad_out @ w_eff.to(grad_out.dtype)
+        if not layer.defer:
+            grad_x = grad_out @ layer.effective_weight(delta).to(grad_out.dtype)
+        else:
+            grad_x = grad_out @ layer.weight.to(grad_out.dtype) + grad_out @ layer.drift(delta).to(grad_out.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         dense = (g2.T.float() @ x2.float()).reshape(-1)  # transient dense dL/dW
@@ -41,7 +54,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
 class SeftLinear(nn.Module):
     """Holds W (frozen), the active mask A, slot positions η (−1 = free) and δ."""
 
-    def __init__(self, base: nn.Linear, active: torch.Tensor, k: int, init_pos: torch.Tensor):
+    def __init__(self, base: nn.Linear, active: torch.Tensor, k: int, init_pos: torch.Tensor, defer: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = nn.Parameter(base.weight.data, requires_grad=False)
@@ -55,17 +68,53 @@ class SeftLinear(nn.Module):
         self.register_buffer("slots", slots)
         self.delta = nn.Parameter(torch.zeros(k, dtype=torch.float32))
         self.observer: Callable[["SeftLinear", torch.Tensor], torch.Tensor] | None = None
+        self.defer = defer or self.weight.dtype != torch.float32  # merges kept apart, in fp32
+        self.merged_pos = torch.empty(0, dtype=torch.int32, device=self.weight.device)
+        self.merged_val = torch.empty(0, dtype=torch.float32, device=self.weight.device)
 
     @property
     def numel(self) -> int:
         return self.in_features * self.out_features
 
+    def drift(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense fp32 [out, in]: the merged store plus δ at the live slots (what training moved W by
+        since the pruned base, when merges are deferred; only δ otherwise)."""
+        delta = self.delta if delta is None else delta
+        live = self.slots >= 0
+        flat = torch.zeros(self.numel, dtype=torch.float32, device=self.weight.device)
+        flat.index_add_(0, self.merged_pos.long(), self.merged_val)
+        flat.index_add_(0, self.slots[live], delta.detach()[live].float())
+        return flat.reshape(self.out_features, self.in_features)
+
     def effective_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """W + drift: in W's dtype on an fp32 base, in fp32 when merges are deferred."""
+        if self.defer:
+            return self.weight.detach().float() + self.drift(delta)
         delta = self.delta if delta is None else delta
         live = self.slots >= 0
         flat = self.weight.detach().reshape(-1).clone()
         flat.index_add_(0, self.slots[live], delta.detach()[live].to(flat.dtype))
         return flat.reshape(self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def merge_slots(self, slots: torch.Tensor) -> None:
+        """Fold the δ of `slots` into W (fp32 base) or into the fp32 merged store (deferred)."""
+        pos, val = self.slots[slots].long(), self.delta.data[slots].float()
+        if not self.defer:
+            self.weight.data.view(-1).index_add_(0, pos, val.to(self.weight.dtype))
+            return
+        all_pos = torch.cat([self.merged_pos.long(), pos])
+        uniq, inverse = torch.unique(all_pos, return_inverse=True)
+        summed = torch.zeros(uniq.numel(), dtype=torch.float32, device=val.device)
+        summed.index_add_(0, inverse, torch.cat([self.merged_val, val]))
+        self.merged_pos, self.merged_val = uniq.to(torch.int32), summed
+
+    @torch.no_grad()
+    def forget(self, positions: torch.Tensor) -> None:
+        """Drop the merged store's entries at `positions` (evicted: W is zero there now)."""
+        if self.merged_pos.numel() and positions.numel():
+            keep = ~torch.isin(self.merged_pos.long(), positions.long())
+            self.merged_pos, self.merged_val = self.merged_pos[keep], self.merged_val[keep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SparseDeltaLinear.apply(x, self.weight, self.bias, self.slots, self.delta, self)
@@ -74,7 +123,7 @@ class SeftLinear(nn.Module):
     def merge(self) -> nn.Linear:
         """A plain nn.Linear holding W + δ (zero outside A)."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.weight.dtype)
-        w = self.effective_weight()
+        w = self.effective_weight()  # fp32 when deferred: the drift is applied once, then cast
         out.weight.data.copy_(torch.where(self.active.reshape(w.shape), w, torch.zeros_like(w)))  # +0.0 outside A
         if self.bias is not None:
             out.bias.data.copy_(self.bias.data)

@@ -53,17 +53,26 @@ class SeftMethod:
                 init = where[torch.randperm(where.numel(), generator=gen)[:k]]
             else:
                 init = torch.empty(0, dtype=torch.long)
-            layer = SeftLinear(t.module, active, k, init)
+            layer = SeftLinear(t.module, active, k, init, defer=self.cfg.delta_decay > 0)
             layer._seft_name = t.name
             _set_module(model, t.name, layer)
             layers[t.name] = layer
-        options = SeftOptions(
-            density=self.cfg.density, update_interval=self.cfg.update_interval, accumulation=self.cfg.accumulation,
-            zeta0=self.cfg.zeta0, protect=self.cfg.protect, regrow=self.regrow, candidates=self.cfg.candidates, init=self.cfg.init,
-            reactivation=self.cfg.reactivation,
-        )
+        fields = set(SeftOptions.__dataclass_fields__) - {"regrow"}
+        options = SeftOptions(regrow=self.regrow, **{f: getattr(self.cfg, f) for f in fields})
+        # δ's decay: AdamW's weight decay plus the L2-SP pull toward the base (delta_decay)
         self.controller = SeftController(layers, options, self.pattern, self.cfg.steps, self.cfg.learning_rate,
-                                         self.cfg.weight_decay, self.reduce)
+                                         self.cfg.weight_decay + self.cfg.delta_decay, self.reduce)
+
+    @property
+    def needs_importance(self) -> bool:
+        return self.controller.options.needs_importance
+
+    def set_importance(self, sq_norms: dict[str, torch.Tensor]) -> None:
+        """‖X‖² per input column of each layer (the pruning-time importance's statistic)."""
+        self.controller.importance = dict(sq_norms)
+
+    def has_pending(self) -> bool:
+        return self.controller.has_pending()
 
     def trainable(self) -> list[torch.Tensor]:
         return [l.delta for l in self.controller.layers.values()]
@@ -77,9 +86,10 @@ class SeftMethod:
     def optimizer_step(self, lr: float) -> None:
         self.controller.optimizer.step(lr)
         self.controller.optimizer.zero_grad()
+        self.controller.decay(lr)
 
     def after_step(self, step: int) -> dict[str, Any]:
-        return {"regrown": self.controller.apply_pending()}
+        return self.controller.apply_pending() or {}
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         final = {}
@@ -129,6 +139,11 @@ class _TorchOptimMethod:
 
     def after_step(self, step: int) -> dict[str, Any]:
         return {}
+
+    needs_importance = False
+
+    def has_pending(self) -> bool:
+        return False
 
     def stats(self) -> dict[str, Any]:
         return {}

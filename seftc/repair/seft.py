@@ -27,6 +27,29 @@ Decisions left open by the spec, and ours:
   rule (the first-order sensitivity of most small kept weights is near zero), and reactivation still
   costs quality (results/repair-tuning.md, results/repair-140.md); a loss-scaled (second-order)
   eviction cost is the next thing to try.
+- Eviction score (`evict_score`, issue 16): `last` is the first-order |W_eff ⊙ g| above; `window`
+  averages |W_eff ⊙ g| over every micro-batch of the accumulation window, `fisher` is the OBD cost
+  ½ W_eff² · mean g² over the window (both from dense bf16 accumulators that live per layer only
+  during the window and are freed at the update); `wanda` is the pruning-time importance
+  |W_eff|·‖X‖, `magnitude` |W_eff|, `random` uniform (ablations; rescaled to the `last` cost's mean
+  over A so the gain rule can weigh them). `evict_blend` mixes the importance |W_eff|·‖X‖ into any
+  cost. ‖X‖ is not in the prune manifest (Wanda keeps no statistics), so it is recomputed at the
+  start of repair on the pruned model from `importance_windows` windows of the prune manifest's
+  calibration text, and checkpointed (a resumed run does not recompute it on trained weights).
+- Growth candidates (`grow_candidates`): `first` as above; `window` picks them at the update from
+  the gradient summed over the whole window (a dense bf16 accumulator, freed at the update).
+- Caps: `reactivation_cap` bounds the reactivations of one update to a fraction of the layer's
+  active count (the best-scored kept); `row_cap` bounds each output row's evictions to
+  floor(row_cap × its active count), so no update empties a row (rows emptied are counted per
+  update). When the row caps cannot supply an eviction for every reactivation, the lowest-scored
+  reactivations are given up and their slots refilled inside A, so |A| = T stays exact. Under N:M
+  the same caps bound the swaps (per row of the evicted position, and in all).
+- `reactivation_stop`: no reactivation in updates after that fraction of the steps;
+  `reactivation_margin`: the gain rule takes a reactivation only where gain > margin × cost;
+  `evict_cooldown`: positions evicted in the last N updates cannot be regrown.
+- `delta_decay`: an L2-SP pull toward the pruned base: every step δ and the merged drift shrink by
+  (1 − lr·delta_decay) (decoupled, like AdamW's decay); merges are kept apart from W for it
+  (layer.py), so the pull acts on everything learned since pruning.
 - Refill: slots a growth could not fill (too few candidates, an N:M swap refused) take the next
   best candidates inside A in the same update.
 - Protection: positions grown at update u cannot be dropped or pruned back before update
@@ -45,6 +68,7 @@ from typing import Any
 import torch
 
 from seftc.prune.masks import Pattern
+from seftc.prune.wanda import wanda_scores
 from seftc.repair import topology
 from seftc.repair.layer import SeftLinear
 from seftc.repair.optim import SlotAdamW
@@ -61,6 +85,20 @@ class SeftOptions:
     candidates: float = 1.0  # candidate set size as a multiple of k
     init: str = "random"  # "random" | "gradient"
     reactivation: str = "gain"  # "gain" | "always"
+    evict_score: str = "last"  # see topology.EVICT_SCORES
+    evict_blend: float = 0.0
+    grow_candidates: str = "first"  # "first" | "window"
+    reactivation_cap: float | None = None
+    row_cap: float | None = None
+    reactivation_stop: float = 1.0
+    reactivation_margin: float = 1.0
+    evict_cooldown: int = 0
+    delta_decay: float = 0.0
+    seed: int = 0
+
+    @property
+    def needs_importance(self) -> bool:
+        return self.evict_score == "wanda" or self.evict_blend > 0
 
 
 @dataclass
@@ -71,6 +109,8 @@ class LayerStats:
     regrown: int = 0  # grown into the pruned region (reactivated)
     pruned_back: int = 0
     last_regrown: int = 0
+    rows_emptied: int = 0  # output rows that lost every active weight in an update
+    last_rows_emptied: int = 0
 
 
 @dataclass
@@ -86,6 +126,12 @@ class _LayerState:
     cand_pos: torch.Tensor | None = None
     cand_sum: torch.Tensor | None = None
     cand_n: int = 0  # gradients summed into cand_sum
+    win_abs: torch.Tensor | None = None  # dense bf16, Σ |W_eff ⊙ g| over the window (evict_score window)
+    win_sq: torch.Tensor | None = None  # dense bf16, Σ g² over the window (evict_score fisher)
+    win_sum: torch.Tensor | None = None  # dense bf16, Σ g over the window (grow_candidates window)
+    win_n: int = 0
+    evicted_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    evicted_at: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))  # update index
     pending: _Pending | None = None
     stats: LayerStats = field(default_factory=LayerStats)
 
@@ -104,6 +150,7 @@ class SeftController:
         self.micro = 0
         self.n_micro = 1
         self.reduce = reduce  # callable averaging a tensor across ranks, or None
+        self.importance: dict[str, torch.Tensor] = {}  # per layer ‖X‖² per input column (needs_importance)
         for layer in layers.values():
             layer.observer = self._observe
 
@@ -137,27 +184,68 @@ class SeftController:
             layer.slots.copy_(torch.topk(score, k).indices)
         if not window:
             return dense
-        k = layer.delta.numel()
+        o = self.options
         if self._window_start(self.step) and self.micro == 0:
-            outside = torch.ones_like(layer.active)
-            live = layer.slots[layer.slots >= 0]
-            outside[live] = False
-            if not self.options.regrow:
-                outside &= layer.active
-            score = torch.where(outside, dense.abs(), torch.full_like(dense, -1.0))
-            c = min(int(math.ceil(self.options.candidates * k)), int(outside.sum()))
-            st.cand_pos = torch.topk(score, c).indices if c > 0 else torch.empty(0, dtype=torch.long)
-            st.cand_sum = torch.zeros(st.cand_pos.numel(), dtype=torch.float32)
+            if o.grow_candidates == "first":
+                update_step = self.step - self.step % o.update_interval + o.update_interval - 1
+                st.cand_pos = self._candidates(layer, st, dense.abs(), self._reactivates(update_step))
+                st.cand_sum = torch.zeros(st.cand_pos.numel(), dtype=torch.float32)
             st.cand_n = 0
+            zeros = lambda: torch.zeros_like(dense, dtype=torch.bfloat16)  # noqa: E731
+            st.win_abs = zeros() if o.evict_score == "window" else None
+            st.win_sq = zeros() if o.evict_score == "fisher" else None
+            st.win_sum = zeros() if o.grow_candidates == "window" else None
+            st.win_n = 0
         if st.cand_pos is not None:
             st.cand_sum += dense[st.cand_pos]
+        if st.cand_pos is not None or st.win_sum is not None:
             st.cand_n += 1
+        if st.win_abs is not None:
+            st.win_abs += (layer.effective_weight().reshape(-1).float().abs() * dense.abs()).to(torch.bfloat16)
+        if st.win_sq is not None:
+            st.win_sq += dense.square().to(torch.bfloat16)
+        if st.win_sum is not None:
+            st.win_sum += dense.to(torch.bfloat16)
+        st.win_n += 1
         if self._is_update_step(self.step) and self.micro == self.n_micro - 1:
             st.pending = self._decide(layer, st, dense)
         return dense
 
+    def _reactivates(self, update_step: int) -> bool:
+        """Whether the update taken at `update_step` may grow into pruned positions."""
+        return self.options.regrow and update_step + 1 < self.options.reactivation_stop * self.total_steps
+
+    def _candidates(self, layer: SeftLinear, st: _LayerState, score: torch.Tensor, reactivate: bool) -> torch.Tensor:
+        """The top-`candidates·k` positions by `score` outside η (inside A without reactivation),
+        never a position still cooling down after its eviction."""
+        outside = torch.ones_like(layer.active)
+        outside[layer.slots[layer.slots >= 0]] = False
+        if not reactivate:
+            outside &= layer.active
+        if self.options.evict_cooldown and st.evicted_pos.numel():
+            outside[st.evicted_pos] = False
+        score = torch.where(outside, score.float(), torch.full_like(score, -1.0, dtype=torch.float32))
+        c = min(int(math.ceil(self.options.candidates * layer.delta.numel())), int(outside.sum()))
+        return torch.topk(score, c).indices if c > 0 else torch.empty(0, dtype=torch.long)
+
     def _name_of(self, layer: SeftLinear) -> str:
         return layer._seft_name  # set by `attach`
+
+    def _cost(self, layer: SeftLinear, st: _LayerState, dense: torch.Tensor) -> torch.Tensor:
+        """Per position, the estimated loss increase of evicting it (options.evict_score)."""
+        o = self.options
+        n = max(st.win_n, 1)
+        importance = None
+        if o.needs_importance:
+            importance = wanda_scores(layer.effective_weight(), self.importance[layer._seft_name])
+        gen = None
+        if o.evict_score == "random":  # seeded by (seed, update, layer): a resumed run draws the same
+            gen = torch.Generator().manual_seed(o.seed * 1_000_003 + self.update_index * 1009 + self.names.index(layer._seft_name))
+        return topology.eviction_cost(
+            o.evict_score, layer.effective_weight(), dense, layer.active,
+            abs_mean=st.win_abs.float() / n if st.win_abs is not None else None,
+            sq_mean=st.win_sq.float() / n if st.win_sq is not None else None,
+            importance=importance, blend=o.evict_blend, generator=gen)
 
     def _decide(self, layer: SeftLinear, st: _LayerState, dense: torch.Tensor) -> _Pending:
         o = self.options
@@ -169,30 +257,54 @@ class SeftController:
         in_eta = torch.zeros_like(layer.active)
         in_eta[layer.slots[live]] = True
         free = int((~live).sum()) + drop.numel()
+        reactivate = self._reactivates(self.step)
+        if o.grow_candidates == "window":
+            st.cand_pos = self._candidates(layer, st, st.win_sum.float().abs(), reactivate)
+            st.cand_sum = st.win_sum[st.cand_pos].float()
+        cand = st.cand_pos
         score = st.cand_sum.abs()
         gain = score / max(st.cand_n, 1) * self._tau(layer, live & ~protected_slot)
         protected_pos = torch.zeros_like(layer.active)
         protected_pos[layer.slots[protected_slot]] = True
-        sens = (layer.effective_weight().reshape(-1).abs() * dense.abs()).float()
-        allowed = None if o.regrow else layer.active
-        if o.regrow and o.reactivation == "gain" and not self.pattern.is_nm:
-            allowed = self._paying(layer, st.cand_pos, score, gain, in_eta, sens, protected_pos, free)
-        grow = topology.select_grow(st.cand_pos, score, in_eta, free, allowed)
-        protected_pos[grow] = True
+        sens = self._cost(layer, st, dense)
+        # pool: the pruned candidates a growth may reactivate
+        pool = ~layer.active[cand] & ~in_eta[cand] if reactivate else torch.zeros(cand.numel(), dtype=torch.bool)
+        cols = layer.in_features
+        caps = topology.row_caps(layer.active, cols, o.row_cap) if o.row_cap is not None else None
+        limit = int(math.floor(o.reactivation_cap * layer.target)) if o.reactivation_cap is not None else None
         if self.pattern.is_nm:
-            at = torch.isin(st.cand_pos, grow)
-            grown_out, remove = topology.nm_swaps(st.cand_pos[at], score[at], layer.active, sens, protected_pos, self.pattern.m,
-                                                  gain[at] if o.reactivation == "gain" else None)
+            allowed = layer.active.clone()
+            allowed[cand[pool]] = True
+            grow = topology.select_grow(cand, score, in_eta, free, allowed)
+            protected_pos[grow] = True
+            at = torch.isin(cand, grow)
+            gain_at = gain[at] / o.reactivation_margin if o.reactivation == "gain" else None
+            grown_out, remove = topology.nm_swaps(cand[at], score[at], layer.active, sens, protected_pos, self.pattern.m, gain_at)
+            keep = topology.cap_swaps(grown_out, remove, cols, caps, limit)
+            grown_out, remove = grown_out[keep], remove[keep]
             grow = grow[layer.active[grow] | torch.isin(grow, grown_out)]
+        else:
+            if o.reactivation == "gain" and bool(pool.any()):
+                pool = self._paying(layer, cand, score, gain, pool, sens, protected_pos, free, o.reactivation_margin)
+            if limit is not None and int(pool.sum()) > limit:  # the best-scored `limit` reactivations
+                ranked = pool.nonzero().flatten()[torch.argsort(score[pool], descending=True, stable=True)]
+                pool[ranked[limit:]] = False
+            allowed = layer.active.clone()
+            allowed[cand[pool]] = True
+            grow = topology.select_grow(cand, score, in_eta, free, allowed)
+            protected_pos[grow] = True
+            regrow = grow[~layer.active[grow]]  # in descending score (select_grow sorts)
+            remove = topology.select_prune_back(layer.active, sens, protected_pos, regrow.numel(), cols, caps)
+            if remove.numel() < regrow.numel():  # the row caps bind: give up the weakest reactivations
+                grow = grow[layer.active[grow] | torch.isin(grow, regrow[: remove.numel()])]
+        if grow.numel() < free and (self.pattern.is_nm or caps is not None):  # refill inside A
             taken = in_eta.clone()
             taken[grow] = True
             taken[remove] = True
-            refill = topology.select_grow(st.cand_pos, score, taken, free - grow.numel(), layer.active)
-            grow = torch.cat([grow, refill])
-        else:
-            excess = int((~layer.active[grow]).sum())
-            remove = topology.select_prune_back(layer.active, sens, protected_pos, excess)
+            grow = torch.cat([grow, topology.select_grow(cand, score, taken, free - grow.numel(), layer.active)])
         st.cand_pos = st.cand_sum = None
+        st.win_abs = st.win_sq = st.win_sum = None
+        st.win_n = 0
         return _Pending(drop, grow, remove)
 
     @staticmethod
@@ -201,25 +313,37 @@ class SeftController:
         return float(layer.delta.detach()[learned].abs().mean()) if bool(learned.any()) else 0.0
 
     @staticmethod
-    def _paying(layer: SeftLinear, cand_pos: torch.Tensor, score: torch.Tensor, gain: torch.Tensor, in_eta: torch.Tensor,
-                sens: torch.Tensor, protected_pos: torch.Tensor, free: int) -> torch.Tensor:
-        """Positions growth may take: A, plus the pruned candidates whose reactivation pays."""
-        pruned = ~in_eta[cand_pos] & ~layer.active[cand_pos]
-        order = torch.argsort(score[pruned], descending=True)[:free]
-        pos, g = cand_pos[pruned][order], gain[pruned][order]
+    def _paying(layer: SeftLinear, cand_pos: torch.Tensor, score: torch.Tensor, gain: torch.Tensor, pool: torch.Tensor,
+                sens: torch.Tensor, protected_pos: torch.Tensor, free: int, margin: float) -> torch.Tensor:
+        """The part of `pool` (pruned candidates) whose reactivation pays: the best `free` of them by
+        score, paired with the cheapest evictions, while gain > margin × cost."""
+        order = torch.argsort(score[pool], descending=True)[:free]
+        idx = pool.nonzero().flatten()[order]
         eligible = layer.active & ~protected_pos
-        n = min(pos.numel(), int(eligible.sum()))
+        n = min(idx.numel(), int(eligible.sum()))
         cost = torch.topk(torch.where(eligible, sens, torch.full_like(sens, float("inf"))), n, largest=False).values
-        allowed = layer.active.clone()
-        allowed[pos[: topology.paying_prefix(g, cost)]] = True
-        return allowed
+        out = torch.zeros_like(pool)
+        out[idx[: topology.paying_prefix(gain[idx], cost, margin)]] = True
+        return out
 
     # -- after the optimizer step ------------------------------------------------------------------
+    def has_pending(self) -> bool:
+        """Whether this step's backward took topology decisions not applied yet."""
+        return any(st.pending is not None for st in self.state.values())
+
     @torch.no_grad()
-    def apply_pending(self) -> int | None:
-        """Apply the decisions taken during this step's backward; returns positions regrown
-        (None when this step had no topology update)."""
-        total_regrown = 0
+    def decay(self, lr: float) -> None:
+        """The L2-SP pull (delta_decay): the merged drift shrinks toward the pruned base, as δ
+        does in the optimizer step."""
+        if self.options.delta_decay:
+            for layer in self.layers.values():
+                layer.merged_val.mul_(1 - lr * self.options.delta_decay)
+
+    @torch.no_grad()
+    def apply_pending(self) -> dict[str, int] | None:
+        """Apply the decisions taken during this step's backward; returns the update's totals
+        (regrown, evicted, rows_emptied), or None when this step had no topology update."""
+        totals = {"regrown": 0, "evicted": 0, "rows_emptied": 0}
         applied = False
         for i, name in enumerate(self.names):
             layer, st = self.layers[name], self.state[name]
@@ -227,17 +351,23 @@ class SeftController:
             if p is None:
                 continue
             applied = True
-            w = layer.weight.data.view(-1)
-            # 1. drop: merge δ into W, free the slot
+            rows_before = layer.active.view(layer.out_features, -1).any(dim=1)
+            # 1. drop: merge δ into W (or the fp32 merged store), free the slot
             if p.drop.numel():
-                w.index_add_(0, layer.slots[p.drop], layer.delta.data[p.drop].to(w.dtype))
+                layer.merge_slots(p.drop)
                 self._free(i, layer, p.drop)
             # 2. prune back: zero W there, leave A, free any slot on it
             if p.remove.numel():
-                w[p.remove] = 0
+                layer.weight.data.view(-1)[p.remove] = 0
+                layer.forget(p.remove)
                 layer.active[p.remove] = False
                 on_slot = torch.isin(layer.slots, p.remove).nonzero().flatten()
                 self._free(i, layer, on_slot)
+            if self.options.evict_cooldown:
+                keep = st.evicted_at > self.update_index - self.options.evict_cooldown
+                st.evicted_pos = torch.cat([st.evicted_pos[keep], p.remove.long()])
+                st.evicted_at = torch.cat([st.evicted_at[keep], torch.full((p.remove.numel(),), self.update_index, dtype=torch.int32)])
+            emptied = int((rows_before & ~layer.active.view(layer.out_features, -1).any(dim=1)).sum())
             # 3. grow: enter A (W is 0 there if it was pruned), take free slots with δ = 0
             regrown = int((~layer.active[p.grow]).sum())
             layer.active[p.grow] = True
@@ -253,13 +383,17 @@ class SeftController:
             s.regrown += regrown
             s.last_regrown = regrown
             s.pruned_back += p.remove.numel()
-            total_regrown += regrown
+            s.rows_emptied += emptied
+            s.last_rows_emptied = emptied
+            totals["regrown"] += regrown
+            totals["evicted"] += p.remove.numel()
+            totals["rows_emptied"] += emptied
             st.pending = None
             self.check(name)
         if not applied:
             return None
         self.update_index += 1
-        return total_regrown
+        return totals
 
     def _free(self, i: int, layer: SeftLinear, slots: torch.Tensor) -> None:
         layer.slots[slots] = -1
@@ -275,6 +409,8 @@ class SeftController:
             problems.append(f"|A| = {n_active} != T = {layer.target}")
         if bool((layer.weight.data.view(-1)[~layer.active] != 0).any()):
             problems.append("W non-zero outside A")
+        if layer.merged_pos.numel() and not bool(layer.active[layer.merged_pos.long()].all()):
+            problems.append("merged δ outside A")
         if not bool(layer.active[layer.slots[layer.slots >= 0]].all()):
             problems.append("a slot lies outside A")
         if self.pattern.is_nm and not bool((layer.active.view(-1, self.pattern.m).sum(dim=1) == self.pattern.n).all()):
@@ -298,7 +434,17 @@ class SeftController:
             if st.cand_pos is not None:
                 out[f"{i}.cand_pos"] = st.cand_pos
                 out[f"{i}.cand_sum"] = st.cand_sum
-                out[f"{i}.cand_n"] = torch.tensor(st.cand_n)
+            out[f"{i}.cand_n"] = torch.tensor(st.cand_n)
+            for key in ("win_abs", "win_sq", "win_sum"):
+                if getattr(st, key) is not None:
+                    out[f"{i}.{key}"] = getattr(st, key)
+            out[f"{i}.win_n"] = torch.tensor(st.win_n)
+            if st.evicted_pos.numel():
+                out[f"{i}.evicted_pos"], out[f"{i}.evicted_at"] = st.evicted_pos, st.evicted_at
+            if layer.merged_pos.numel():
+                out[f"{i}.merged_pos"], out[f"{i}.merged_val"] = layer.merged_pos, layer.merged_val
+            if name in self.importance:
+                out[f"{i}.importance"] = self.importance[name]
         for key, t in self.optimizer.state_tensors().items():
             out[f"opt.{key}"] = t
         return {k: v.contiguous() for k, v in out.items()}
@@ -314,6 +460,14 @@ class SeftController:
             st.cand_pos = tensors.get(f"{i}.cand_pos")
             st.cand_sum = tensors.get(f"{i}.cand_sum")
             st.cand_n = int(tensors[f"{i}.cand_n"]) if f"{i}.cand_n" in tensors else 0
+            st.win_abs, st.win_sq, st.win_sum = (tensors.get(f"{i}.{key}") for key in ("win_abs", "win_sq", "win_sum"))
+            st.win_n = int(tensors[f"{i}.win_n"]) if f"{i}.win_n" in tensors else 0
+            st.evicted_pos = tensors.get(f"{i}.evicted_pos", torch.empty(0, dtype=torch.int64))
+            st.evicted_at = tensors.get(f"{i}.evicted_at", torch.empty(0, dtype=torch.int32))
+            layer.merged_pos = tensors.get(f"{i}.merged_pos", torch.empty(0, dtype=torch.int32))
+            layer.merged_val = tensors.get(f"{i}.merged_val", torch.empty(0, dtype=torch.float32))
+            if f"{i}.importance" in tensors:
+                self.importance[name] = tensors[f"{i}.importance"]
             st.stats = LayerStats(**meta["stats"][name])
         self.optimizer.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
         self.update_index = meta["update_index"]
