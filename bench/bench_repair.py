@@ -11,10 +11,15 @@ Protocol (printed into results/repair.md):
   `shakespeare:valid` only; a method written `seft@NAME` is a variant of `seft` with the options
   of BENCH_SETTINGS["seft@NAME"];
 - in-domain perplexity: `shakespeare:test` (5 tragedies, disjoint from calibration, training
-  and validation); out-of-domain: LAMBADA passages; first BENCH_PPL_WINDOWS windows of 512;
+  and validation); out-of-domain: LAMBADA passages; first BENCH_PPL_WINDOWS windows of 512
+  (BENCH_PPL_SOURCES names the two texts; with the commonsense mix both are out of its domain);
 - gap closed = (ppl_pruned − ppl_method) / (ppl_pruned − ppl_dense);
-- accuracies: BENCH_TASKS, first BENCH_LIMIT eval items each, with standard errors, for the
-  first seed of the methods in BENCH_TASK_METHODS;
+- accuracies: BENCH_TASKS, first BENCH_LIMIT eval items each (0: the whole eval part), with
+  standard errors, for the first seed of the methods in BENCH_TASK_METHODS; "mean acc" is their
+  mean over the tasks, ± the pooled standard error sqrt(Σ se²) / number of tasks;
+- eviction damage (SEFT rows): held-out loss just before and after each topology update on
+  BENCH_DAMAGE_WINDOWS windows of BENCH_EVAL_DATA (in-domain validation) and BENCH_OOD_DATA
+  (out-of-domain validation), mean increase per update; 0 windows turns the log off;
 - final sparsity counted from the saved weights; s/step is the training loop only; peak RSS is
   the run's process high-water mark;
 - reference row `dense+train`: the dense model trained (all weights of the target layers,
@@ -31,6 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("BENCH_DIR", ROOT / "runs" / "bench-repair"))
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", ROOT / "results"))
+MODEL = os.environ.get("BENCH_MODEL", "default")  # SmolLM2-135M; a folder for tests on tiny models
+CALIB = {"source": os.environ.get("BENCH_CALIB", "shakespeare:calib"), "nsamples": int(os.environ.get("BENCH_CALIB_N", 128)),
+         "seqlen": int(os.environ.get("BENCH_CALIB_SEQLEN", 512))}
 STEPS = int(os.environ.get("BENCH_STEPS", 40))
 PATTERNS = os.environ.get("BENCH_PATTERNS", "0.7,2:4").split(",")
 METHODS = os.environ.get("BENCH_METHODS", "seft,static,masked-lora,lora-merge,seft-noregrow,lora-dense").split(",")
@@ -40,9 +49,15 @@ NM_SEEDS = [int(s) for s in os.environ.get("BENCH_NM_SEEDS", ",".join(map(str, S
 TASK_METHODS = os.environ.get("BENCH_TASK_METHODS", ",".join(METHODS)).split(",")  # accuracies for these (first seed)
 RENDER_ONLY = os.environ.get("BENCH_RENDER_ONLY") == "1"  # table from the rows already measured
 PPL_WINDOWS = int(os.environ.get("BENCH_PPL_WINDOWS", 32))
+PPL_SOURCES = os.environ.get("BENCH_PPL_SOURCES", "shakespeare:test,lambada").split(",")  # in-domain, out-of-domain
+PPL_SEQLEN = int(os.environ.get("BENCH_PPL_SEQLEN", 512))
 TASKS = os.environ.get("BENCH_TASKS", "piqa,arc_easy,winogrande")
-LIMIT = int(os.environ.get("BENCH_LIMIT", 300))
+LIMIT = int(os.environ.get("BENCH_LIMIT", 300)) or None  # 0: every item of the eval part
 DATA = os.environ.get("BENCH_DATA", "shakespeare:train")
+EVAL_DATA = os.environ.get("BENCH_EVAL_DATA", "shakespeare:valid")
+OOD_DATA = os.environ.get("BENCH_OOD_DATA", "commonsense:valid")
+DAMAGE_WINDOWS = int(os.environ.get("BENCH_DAMAGE_WINDOWS", 4))
+SEQLEN = int(os.environ.get("BENCH_SEQLEN", 256))
 # Per-method options chosen on shakespeare:valid (never on evaluation text); see the README.
 SETTINGS: dict[str, dict] = json.loads(os.environ.get("BENCH_SETTINGS", "{}"))
 DENSE_REF = os.environ.get("BENCH_DENSE_REF", "1") == "1"
@@ -58,7 +73,7 @@ def _pruned(pattern: str) -> Path:
     out = WORK / f"pruned-{pattern.replace(':', 'of')}"
     if not (out / "seftc_manifest.json").is_file():
         kw = {"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)}
-        prune("default", method="wanda", calib={"nsamples": 128, "seqlen": 512}, output=out, force=True, **kw)
+        prune(MODEL, method="wanda", calib=CALIB, output=out, force=True, **kw)
     return out
 
 
@@ -67,7 +82,7 @@ def _dense_as_pruned() -> Path:
 
     out = WORK / "dense-0"
     if not (out / "seftc_manifest.json").is_file():
-        prune("default", method="magnitude", sparsity=0.0, output=out, force=True)
+        prune(MODEL, method="magnitude", sparsity=0.0, output=out, force=True)
     return out
 
 
@@ -82,8 +97,8 @@ def evaluate(folder: str, tasks: bool = True) -> dict:
 
     loaded = load_model(folder)
     row = {}
-    for key, source in (("ppl_in", "shakespeare:test"), ("ppl_out", "lambada")):
-        row[key] = perplexity(loaded.model, loaded.tokenizer, source, seqlen=512, limit=PPL_WINDOWS).ppl
+    for key, source in zip(("ppl_in", "ppl_out"), PPL_SOURCES):
+        row[key] = perplexity(loaded.model, loaded.tokenizer, source, seqlen=PPL_SEQLEN, limit=PPL_WINDOWS).ppl
     if tasks and TASKS:
         res = evaluate_tasks(loaded.model, loaded.tokenizer, TASKS.split(","), limit=LIMIT)
         row["tasks"] = {k: {"acc": v.acc, "stderr": v.acc_stderr, "n": v.n} for k, v in res.items()}
@@ -106,14 +121,17 @@ def worker(src: str, method: str, seed: int, out: str) -> dict:
     from seftc.repair.api import repair
 
     options = SETTINGS.get(method, {})
-    result = repair(src, method=method.split("@")[0], seed=seed, steps=STEPS, data=DATA, output=out, force=True, eval_every=0,
-                    allow_dense=True, **options)
+    damage = {"damage_windows": DAMAGE_WINDOWS, "eval_data": EVAL_DATA, "ood_data": OOD_DATA} if DAMAGE_WINDOWS else {}
+    result = repair(src, method=method.split("@")[0], seed=seed, steps=STEPS, data=DATA, seqlen=SEQLEN, output=out, force=True,
+                    eval_every=0, allow_dense=True, **{**damage, **options})
     cfg = result.manifest.config
     stats = result.manifest.layer_stats or {}
     row = {"method": method, "seed": seed, "options": options, "lr": cfg["learning_rate"],
            "s_per_step": cfg["s_per_step"], "peak_rss_mib": cfg["peak_rss_mib"], "trainable": cfg.get("trainable_params"),
            "regrown": sum(v.get("regrown", 0) for v in stats.values()),
-           "positions_moved": sum(v.get("positions_left", 0) for v in stats.values())}
+           "positions_moved": sum(v.get("positions_left", 0) for v in stats.values()),
+           "rows_emptied": sum(v.get("rows_emptied", 0) for v in stats.values()),
+           "update_damage": result.history.get("update_damage", [])}
     del result
     row.update(evaluate(out, tasks=seed == SEEDS[0] and method in TASK_METHODS and "dense-0" not in src))
     return row
@@ -139,10 +157,10 @@ def _spawn(args: list[str], key: str) -> dict:
 
 
 def _write(results: dict) -> str:
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
     text = render(results)
-    (ROOT / "results" / f"{NAME}.md").write_text(text)
+    (RESULTS / f"{NAME}.md").write_text(text)
     return text
 
 
@@ -150,16 +168,17 @@ def main() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     WORK.mkdir(parents=True, exist_ok=True)
-    results: dict = {"protocol": __doc__, "steps": STEPS, "data": DATA, "settings": SETTINGS, "jobs": JOBS, "patterns": {}}
+    results: dict = {"protocol": __doc__, "steps": STEPS, "data": DATA, "settings": SETTINGS, "jobs": JOBS, "patterns": {},
+                     "ppl_sources": PPL_SOURCES}
     sources = {pattern: _pruned(pattern) for pattern in PATTERNS}  # one-shot pruning first, all cores
-    jobs: list[tuple[str, list[str]]] = [("dense", ["--eval", "default"])]
+    jobs: list[tuple[str, list[str]]] = [("dense", ["--eval", MODEL])]
     if DENSE_REF:
         jobs.append((f"dense-trained-s{SEEDS[0]}", ["--worker", str(_dense_as_pruned()), "static", str(SEEDS[0]), str(WORK / "dense-trained")]))
     for pattern, src in sources.items():
         jobs.append((src.name, ["--eval", str(src)]))
         seeds = NM_SEEDS if ":" in pattern else SEEDS
         for method in NM_METHODS if ":" in pattern else METHODS:
-            for seed in seeds if method.split("@")[0] in ("seft", "static") else seeds[:1]:
+            for seed in seeds if method.split("@")[0] in ("seft", "static", "seft-noregrow") else seeds[:1]:
                 name = f"{src.name}-{method}-s{seed}"
                 jobs.append((name, ["--worker", str(src), method, str(seed), str(WORK / name)]))
     with ThreadPoolExecutor(max_workers=JOBS) as pool:
@@ -180,20 +199,39 @@ def _gap(pruned: dict, dense: dict, row: dict, key: str) -> float:
     return (pruned[key] - row[key]) / (pruned[key] - dense[key])
 
 
+def mean_accuracy(tasks: dict) -> tuple[float, float]:
+    """Mean accuracy over tasks and its pooled standard error sqrt(Σ se²) / n (tasks independent)."""
+    n = len(tasks)
+    return sum(t["acc"] for t in tasks.values()) / n, sum(t["stderr"] ** 2 for t in tasks.values()) ** 0.5 / n
+
+
 def render(results: dict) -> str:
     import statistics
 
     dense = results["dense"]
     tasks = list(dense.get("tasks", {}))
-    head = ("| pattern | method | seed | lr | trainable | ppl in-domain | gap closed | ppl out-of-domain | gap closed | "
-            + " | ".join(tasks) + " | sparsity (saved) | regrown | s/step | peak RSS MiB |")
+    ppl_in, ppl_out = results.get("ppl_sources", ["shakespeare:test", "lambada"])
+    mean_col = " mean acc |" if len(tasks) > 1 else ""
+    head = (f"| pattern | method | seed | lr | trainable | ppl {ppl_in} | gap closed | ppl {ppl_out} | gap closed | "
+            + " | ".join(tasks) + f" |{mean_col} sparsity (saved) | regrown | damage in / out per update | s/step | peak RSS MiB |")
     lines = [f"## Repair ({results['steps']} steps × 4 × 256 tokens of {results.get('data', 'shakespeare:train')}; results/{NAME}.md)",
-             "", head, "|" + "---|" * (13 + len(tasks))]
+             "", head, "|" + "---|" * (14 + len(tasks) + bool(mean_col))]
 
     def acc(row):
         if "tasks" not in row:
-            return ["—" for _ in tasks]
-        return [f"{row['tasks'][t]['acc']:.3f} ± {row['tasks'][t]['stderr']:.3f}" for t in tasks]
+            return ["—" for _ in tasks] + (["—"] if mean_col else [])
+        cells = [f"{row['tasks'][t]['acc']:.3f} ± {row['tasks'][t]['stderr']:.3f}" for t in tasks]
+        if mean_col:
+            mean, pooled = mean_accuracy(row["tasks"])
+            cells.append(f"{mean:.3f} ± {pooled:.3f}")
+        return cells
+
+    def damage(row):
+        d = row.get("update_damage") or []
+        if not d:
+            return "—"
+        rise = lambda k: statistics.mean(x[f"{k}_after"] - x[f"{k}_before"] for x in d) if f"{k}_before" in d[0] else float("nan")  # noqa: E731
+        return f"{rise('in'):+.4f} / {rise('out'):+.4f}"
 
     def line(pattern, name, seed, row, pruned=None):
         gap = lambda k: "—" if pruned is None else f"{_gap(pruned, dense, row, k):.1%}"
@@ -201,7 +239,7 @@ def render(results: dict) -> str:
         trainable = f"{row['trainable'] / 1e6:.2f} M" if row.get("trainable") else "—"
         regrown = str(row["regrown"]) if row.get("method", "").startswith("seft") else "—"
         return (f"| {pattern} | {name} | {seed} | {lr} | {trainable} | {row['ppl_in']:.2f} | {gap('ppl_in')} | {row['ppl_out']:.2f} | {gap('ppl_out')} | "
-                + " | ".join(acc(row)) + f" | {row.get('sparsity', 0):.4f} | {regrown} | "
+                + " | ".join(acc(row)) + f" | {row.get('sparsity', 0):.4f} | {regrown} | {damage(row)} | "
                 + (f"{row['s_per_step']:.2f} | {row['peak_rss_mib']:.0f} |" if "s_per_step" in row else "— | — |"))
 
     lines.append(line("—", "dense", "—", dense))

@@ -1,0 +1,88 @@
+"""The repair benchmarks' scripts on tiny settings (never on SmolLM2 here): the one-update replay
+(bench/replay_update.py) and `make bench-repair-commonsense` as wired in the Makefile."""
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = str(Path(__file__).with_name("data") / "sonnets.txt")
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_replay_update_on_tiny_model(tiny_dir, tmp_path, calib_file):
+    replay = _module("replay_update")
+    rows = replay.main(["--model", str(tiny_dir), "--work", str(tmp_path / "work"), "--calib", TEXT, "--calib-n", "4",
+                        "--calib-seqlen", "32", "--data", TEXT, "--in-data", TEXT, "--out-data", str(calib_file), "--windows", "2",
+                        "--steps-in", "3", "--total-steps", "12", "--seqlen", "32", "--options", '{"density": 0.05, "init": "gradient"}',
+                        "--name", "replay", "--results-dir", str(tmp_path / "results")])
+    assert [r["score"] for r in rows] == list(replay.SCORES)
+    # the same run up to the update: identical loss before it, and (reactivation always) the same number evicted
+    assert len({(r["in_before"], r["out_before"]) for r in rows}) == 1
+    assert len({r["evicted"] for r in rows}) == 1 and rows[0]["evicted"] > 0
+    assert len({(r["in_after"], r["out_after"]) for r in rows}) > 1  # the scores evicted different positions
+    text = (tmp_path / "results" / "replay.md").read_text()
+    assert all(label in text for label in replay.LABELS.values())
+    assert json.loads((tmp_path / "results" / "replay.json").read_text())["rows"] == rows
+
+
+def _make_env(target: str) -> dict[str, str]:
+    """The BENCH_* assignments `make TARGET` runs bench_repair.py with."""
+    out = subprocess.run(["make", "-n", "--always-make", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.replace("\\\n", " ").splitlines() if "bench/bench_repair.py" in x)
+    env = {}
+    for word in shlex.split(line):
+        if "=" not in word or not word.startswith("BENCH_"):
+            break
+        key, value = word.split("=", 1)
+        env[key] = value
+    return env
+
+
+def test_bench_140_covers_noregrow_and_2of4():
+    env = _make_env("bench-repair-140")
+    assert env["BENCH_METHODS"].split(",") == ["seft", "static", "seft-noregrow"]
+    assert env["BENCH_PATTERNS"].split(",") == ["0.7", "2:4"] and env["BENCH_SEEDS"] == "0,1,2"
+    assert set(json.loads(env["BENCH_SETTINGS"])) == {"seft", "static", "seft-noregrow"}
+
+
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["seft-2-tasks", "all"])
+def test_bench_repair_commonsense_on_tiny_settings(tiny_dir, tmp_path, full):
+    """The target's own settings on a tiny model (fast tier: SEFT and two of the eight tasks;
+    the slow tier runs the four methods and all eight)."""
+    env = _make_env("bench-repair-commonsense")
+    assert env["BENCH_DATA"] == "commonsense:train" and env["BENCH_LIMIT"] == "0"
+    tasks = env["BENCH_TASKS"].split(",")
+    methods = env["BENCH_METHODS"].split(",")
+    assert len(tasks) == 8 and set(methods) == {"seft", "static", "masked-lora", "lora-merge"}
+    assert env["BENCH_PATTERNS"] == "0.5,0.7"
+    if not full:
+        tasks, methods = tasks[:2], ["seft"]
+        env.update(BENCH_TASKS=",".join(tasks), BENCH_METHODS="seft")
+    tiny = {"BENCH_MODEL": str(tiny_dir), "BENCH_STEPS": "3", "BENCH_PATTERNS": "0.7", "BENCH_LIMIT": "2", "BENCH_PPL_WINDOWS": "1",
+            "BENCH_PPL_SEQLEN": "32", "BENCH_SEQLEN": "32", "BENCH_CALIB": TEXT, "BENCH_CALIB_N": "4", "BENCH_CALIB_SEQLEN": "32",
+            "BENCH_DIR": str(tmp_path / "work"), "BENCH_RESULTS_DIR": str(tmp_path / "results"), "BENCH_JOBS": "1",
+            "BENCH_DAMAGE_WINDOWS": "1", "BENCH_SETTINGS": json.dumps({"seft": {"update_interval": 2, "accumulation": 1, "density": 0.05}})}
+    run_env = {**os.environ, **env, **tiny, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_repair.py")], cwd=ROOT, env=run_env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "repair-commonsense.json").read_text())
+    rows = results["patterns"]["0.7"]["rows"]
+    assert {row["method"] for row in rows} == set(methods)
+    assert all(set(row["tasks"]) == set(tasks) and all("stderr" in t for t in row["tasks"].values()) for row in rows)
+    seft = next(row for row in rows if row["method"] == "seft")
+    assert len(seft["update_damage"]) == 1 and "out_before" in seft["update_damage"][0]
+    table = (tmp_path / "results" / "repair-commonsense.md").read_text()
+    assert "mean acc" in table and "commonsense:train" in table and "±" in table
