@@ -195,3 +195,20 @@ def test_a_failing_step_fails_its_batch_but_not_the_worker(sparse_llama, tok):
     engine.shutdown()
     thread.join(60)
     assert engine.running == 0
+
+
+def test_prefill_token_budget_spreads_a_burst_over_steps(sparse_llama, tok):
+    prompts = _prompts(tok)  # 5, 14 and 1 tokens, say: lengths are read below
+    lengths = [len(p) for p in prompts]
+    budget = lengths[0] + lengths[2]  # the first and the third fit together, the second only alone
+    engine = Engine(sparse_llama, tok, max_prefill_tokens=budget)
+    alone = [engine.generate(p, GREEDY).tokens for p in prompts]
+    engine.stats.prefills = engine.stats.prefill_rows = 0
+    seqs = [engine.submit(p, GREEDY) for p in prompts]
+    engine.step()  # the first fits; the second does not, and nothing behind it jumps the queue
+    assert (engine.stats.prefills, engine.running, engine.waiting) == (1, 1, 2)
+    engine.step()  # the second, over the budget, is admitted alone
+    assert (engine.stats.prefills, engine.running, engine.waiting) == (2, 2, 1)
+    while not all(s.done for s in seqs):
+        engine.step()
+    assert [s.tokens for s in seqs] == alone and engine.stats.prefill_rows == 3

@@ -17,6 +17,9 @@ from seftc.errors import SeftcError
               help="Sequences decoded together; more wait in the queue.")
 @click.option("--max-queue", "max_waiting", type=click.IntRange(0), default=64, show_default=True,
               help="Requests waiting beyond the free batch slots; above it the server answers 429.")
+@click.option("--max-prefill-tokens", type=click.IntRange(1), default=256, show_default=True,
+              help="Prompt tokens admitted per engine step (one prompt always); more wait a step, so running "
+                   "streams keep flowing while a burst of prompts is prefilled.")
 @click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
               help="Most new tokens one request may ask for (above it: 400).")
 @click.option("--api-key", default=None, envvar="SEFTC_API_KEY", show_envvar=True,

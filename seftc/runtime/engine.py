@@ -8,9 +8,11 @@ Design: a *padded, left-aligned batch* over one KV cache.
   [rows, heads, T, head_dim]; each row's tokens fill the right end of its row, the columns to their
   left are padding, masked out by the attention mask [rows, T] and skipped by the per-row position
   ids (so a row computes what it would alone, up to float rounding of the batched kernels).
-- `step()` is one engine iteration: drop the rows whose client went away (`cancel`), admit waiting
-  sequences up to `max_batch` (their prompts run together in one left-padded prefill, whose cache
-  is then merged into the running one, padding whichever is shorter on the left), run one forward
+- `step()` is one engine iteration: admit waiting sequences in arrival order, up to `max_batch`
+  rows and `max_prefill_tokens` prompt tokens (one prompt always; a burst of prompts is spread over
+  several steps, so running rows keep decoding between prefills), run their prompts together in one
+  left-padded prefill whose cache is merged into the running one (padding whichever is shorter on
+  the left), drop the rows whose client went away (`cancel`), run one forward
   over every row with its last token, sample one token per row (`seftc.runtime.sampling`, each
   sequence with its own generator), emit it, and drop the rows that finished. After rows leave,
   leading columns that are padding in every remaining row are cut off.
@@ -228,13 +230,15 @@ class Engine:
     """Continuous-batching decode over one model. See the module docstring for the design."""
 
     def __init__(self, model: Any, tokenizer: Any | None = None, *, max_batch: int = 16, max_waiting: int = 64,
+                 max_prefill_tokens: int = 256,
                  context: int | None = None, eos: set[int] | None = None):
-        if max_batch < 1 or max_waiting < 0:
-            raise ValueError("max_batch must be >= 1 and max_waiting >= 0")
+        if max_batch < 1 or max_waiting < 0 or max_prefill_tokens < 1:
+            raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_waiting >= 0")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
         self.context = context or context_length(model.config)
         self.eos = set(eos) if eos is not None else eos_token_ids(model, tokenizer)
         self.device = next(model.parameters()).device
@@ -345,12 +349,18 @@ class Engine:
         with self._cond:
             admitted: list[Sequence] = []
             still: deque[Sequence] = deque()
+            tokens, closed = 0, False  # first come, first served: admission stops at the first that does not fit
             for seq in self._waiting:
                 if seq._cancelled:
                     self._end(seq, "cancelled")
-                elif len(self._rows) + len(admitted) < self.max_batch:
+                    continue
+                fits = (len(self._rows) + len(admitted) < self.max_batch
+                        and (not admitted or tokens + len(seq.prompt) <= self.max_prefill_tokens))
+                if fits and not closed:
                     admitted.append(seq)
+                    tokens += len(seq.prompt)
                 else:
+                    closed = True
                     still.append(seq)
             self._waiting = still
         if admitted:

@@ -31,6 +31,7 @@ class ServeConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_batch: int = Field(16, ge=1)
     max_waiting: int = Field(64, ge=0)  # queued beyond the free batch slots; above it: 429
+    max_prefill_tokens: int = Field(256, ge=1)  # prompt tokens admitted per engine step
     max_tokens: int = Field(1024, ge=1)  # per request
     api_key: str | None = None
     model_name: str | None = None  # the id clients send; default: the folder's name
@@ -87,7 +88,8 @@ def build_app(cfg: ServeConfig, served: ServedModel) -> Any:
 
     # the engine thread detokenizes with its own tokenizer: fast tokenizers are not safe to share
     # between a thread that encodes and one that decodes
-    engine = Engine(served.model, copy.deepcopy(served.tokenizer), max_batch=cfg.max_batch, max_waiting=cfg.max_waiting)
+    engine = Engine(served.model, copy.deepcopy(served.tokenizer), max_batch=cfg.max_batch, max_waiting=cfg.max_waiting,
+                    max_prefill_tokens=cfg.max_prefill_tokens)
     engine.warmup()
     settings = AppSettings(served.name, cfg.max_tokens, cfg.api_key, cfg.drain_timeout)
     return create_app(engine, served.tokenizer, settings)
