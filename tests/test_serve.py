@@ -51,14 +51,17 @@ def _free_port() -> int:
 
 class Server:
     def __init__(self, folder, *args):
+        import tempfile
+
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "seftc.cli.main", "serve", str(folder), "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # a file, not a pipe nobody drains
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"seftc serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise AssertionError(f"seftc serve exited {self.proc.returncode}: {self.output()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -67,6 +70,10 @@ class Server:
             time.sleep(0.3)
         self.stop()
         raise AssertionError("seftc serve did not become healthy")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
 
     def client(self, key=KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
@@ -125,10 +132,12 @@ def _stream_text(stream) -> tuple[list[str], str | None]:
     return pieces, finish
 
 
-def test_models_and_health(server):
+def test_models_and_health_on_loopback(server):
     assert [m.id for m in server.client().models.list()] == [NAME]
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok"
+    assert f"listening on http://127.0.0.1:{server.port}" in server.output()  # no --host: loopback only
+    assert "sparse runtime, 14 sparse layers" in server.output()
 
 
 def test_greedy_completion_is_seftc_generate(server, model_dir):
