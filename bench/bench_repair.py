@@ -169,7 +169,7 @@ def main() -> None:
 
     WORK.mkdir(parents=True, exist_ok=True)
     results: dict = {"protocol": __doc__, "steps": STEPS, "data": DATA, "settings": SETTINGS, "jobs": JOBS, "patterns": {},
-                     "ppl_sources": PPL_SOURCES}
+                     "ppl_sources": PPL_SOURCES, "seqlen": SEQLEN}
     sources = {pattern: _pruned(pattern) for pattern in PATTERNS}  # one-shot pruning first, all cores
     jobs: list[tuple[str, list[str]]] = [("dense", ["--eval", MODEL])]
     if DENSE_REF:
@@ -211,15 +211,15 @@ def render(results: dict) -> str:
     dense = results["dense"]
     tasks = list(dense.get("tasks", {}))
     ppl_in, ppl_out = results.get("ppl_sources", ["shakespeare:test", "lambada"])
-    mean_col = " mean acc |" if len(tasks) > 1 else ""
-    head = (f"| pattern | method | seed | lr | trainable | ppl {ppl_in} | gap closed | ppl {ppl_out} | gap closed | "
-            + " | ".join(tasks) + f" |{mean_col} sparsity (saved) | regrown | damage in / out per update | s/step | peak RSS MiB |")
-    lines = [f"## Repair ({results['steps']} steps × 4 × 256 tokens of {results.get('data', 'shakespeare:train')}; results/{NAME}.md)",
-             "", head, "|" + "---|" * (14 + len(tasks) + bool(mean_col))]
+    mean_col = len(tasks) > 1
+    columns = (["pattern", "method", "seed", "lr", "trainable", f"ppl {ppl_in}", "gap closed", f"ppl {ppl_out}", "gap closed", *tasks]
+               + ["mean acc"] * mean_col + ["sparsity (saved)", "regrown", "damage in / out per update", "s/step", "peak RSS MiB"])
+    lines = [f"## Repair ({results['steps']} steps × 4 × {results.get('seqlen', 256)} tokens of {results.get('data', 'shakespeare:train')}; "
+             f"results/{NAME}.md)", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
     def acc(row):
         if "tasks" not in row:
-            return ["—" for _ in tasks] + (["—"] if mean_col else [])
+            return ["—" for _ in tasks] + ["—"] * mean_col
         cells = [f"{row['tasks'][t]['acc']:.3f} ± {row['tasks'][t]['stderr']:.3f}" for t in tasks]
         if mean_col:
             mean, pooled = mean_accuracy(row["tasks"])
@@ -238,9 +238,10 @@ def render(results: dict) -> str:
         lr = f"{row['lr']:.0e}" if "lr" in row else "—"
         trainable = f"{row['trainable'] / 1e6:.2f} M" if row.get("trainable") else "—"
         regrown = str(row["regrown"]) if row.get("method", "").startswith("seft") else "—"
-        return (f"| {pattern} | {name} | {seed} | {lr} | {trainable} | {row['ppl_in']:.2f} | {gap('ppl_in')} | {row['ppl_out']:.2f} | {gap('ppl_out')} | "
-                + " | ".join(acc(row)) + f" | {row.get('sparsity', 0):.4f} | {regrown} | {damage(row)} | "
-                + (f"{row['s_per_step']:.2f} | {row['peak_rss_mib']:.0f} |" if "s_per_step" in row else "— | — |"))
+        cells = [pattern, name, seed, lr, trainable, f"{row['ppl_in']:.2f}", gap("ppl_in"), f"{row['ppl_out']:.2f}", gap("ppl_out"),
+                 *acc(row), f"{row.get('sparsity', 0):.4f}", regrown, damage(row),
+                 *((f"{row['s_per_step']:.2f}", f"{row['peak_rss_mib']:.0f}") if "s_per_step" in row else ("—", "—"))]
+        return "| " + " | ".join(map(str, cells)) + " |"
 
     lines.append(line("—", "dense", "—", dense))
     if "dense_trained" in results:
