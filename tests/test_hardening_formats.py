@@ -154,6 +154,28 @@ def test_stripped_config_marker_alone_still_refuses(ct_packed, tmp_path):
     assert "seftc" in r.output and "checksums" in r.output
 
 
+def test_generate_on_a_stripped_folder_names_the_integrity_problem(ct_packed):
+    """Manifest, header metadata and even the compressed-tensors block gone, the marker left:
+    generate treats it as the packed folder it is and refuses it, not as a broken dense model."""
+    strip_seftc(ct_packed / "model.safetensors")
+    (ct_packed / "seftc_pack.json").unlink()
+    config = json.loads((ct_packed / "config.json").read_text())
+    del config["quantization_config"]
+    (ct_packed / "config.json").write_text(json.dumps(config))
+    r = run("generate", str(ct_packed), "--prompt", "hi", ok=False)
+    assert "written by seftc" in r.output and "seftc_pack" in r.output
+
+
+def test_missing_manifest_with_seftc_files_is_not_called_foreign(ct_packed, tmp_path):
+    """Only seftc_pack.json and the config marker deleted: the files still say seftc wrote them, so
+    the folder is refused rather than reported as a foreign one read without checksums."""
+    (ct_packed / "seftc_pack.json").unlink()
+    config = json.loads((ct_packed / "config.json").read_text())
+    (ct_packed / "config.json").write_text(json.dumps({k: v for k, v in config.items() if not k.startswith("seftc")}))
+    r = run("unpack", str(ct_packed), "-o", str(tmp_path / "d"), ok=False)
+    assert "written by seftc" in r.output and "seftc.container" in r.output and "foreign" not in r.output
+
+
 def test_foreign_folder_is_read_but_says_so(tiny, tmp_path):
     folder = write_foreign_ct_folder(*tiny, tmp_path / "foreign")
     r = run("unpack", str(folder), "-o", str(tmp_path / "dense"), "--json")

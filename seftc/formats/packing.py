@@ -195,10 +195,19 @@ def seftc_markers(config: dict[str, Any]) -> list[str]:
     return found
 
 
-def _already_packed(folder: Path, files: list[Path], config: dict[str, Any]) -> str | None:
-    """Why MODEL looks like the output of `seftc pack` (or of compressed-tensors), or None."""
+def _file_header(path: Path) -> tuple[list[str], dict[str, str]] | None:
+    """A safetensors file's keys and metadata, or None when it is unreadable (reported when read)."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys()), f.metadata() or {}
+    except Exception:
+        return None
+
+
+def _already_packed(folder: Path, files: list[Path], config: dict[str, Any]) -> str | None:
+    """Why MODEL looks like the output of `seftc pack` (or of compressed-tensors), or None."""
     from seftc.formats.ct import legacy_entries
     from seftc.formats.io import META_TENSORS
     from seftc.formats.registry import CODECS
@@ -211,11 +220,10 @@ def _already_packed(folder: Path, files: list[Path], config: dict[str, Any]) -> 
     if isinstance(q, dict) and isinstance(q.get("sparsity_config"), dict) and not q.get("config_groups"):
         return "config.json has a compressed-tensors sparsity_config"
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys, meta = list(f.keys()), f.metadata() or {}
-        except Exception:
-            continue  # unreadable files are reported when they are read
+        header = _file_header(path)
+        if header is None:
+            continue
+        keys, meta = header
         try:
             entries = json.loads(meta.get(META_TENSORS, "{}"))
             packed = [n for n, e in entries.items() if isinstance(e, dict) and e.get("format") != "dense"]
@@ -379,6 +387,11 @@ def packed_files(folder: Path) -> PackedFolder:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FormatError(f"{folder} holds no *.safetensors files")
+    for path in files:
+        seftc_keys = sorted(k for k in (_file_header(path) or ([], {}))[1] if k.startswith("seftc."))
+        if seftc_keys:
+            raise FormatError(f"{folder} was written by seftc ({path.name} has '{seftc_keys[0]}' metadata) but its {PACK_MANIFEST} "
+                              "is gone; restore it or pack the original model again")
     return PackedFolder(files, legacy, None)
 
 

@@ -142,6 +142,8 @@ def _is_packed(folder) -> bool:
     import json
     from pathlib import Path
 
+    from seftc.formats.packing import seftc_markers
+
     folder = Path(folder)
     if (folder / "seftc_pack.json").is_file():
         return True
@@ -149,7 +151,7 @@ def _is_packed(folder) -> bool:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and ("compression_config" in config or "quantization_config" in config)
+    return isinstance(config, dict) and ("compression_config" in config or "quantization_config" in config or bool(seftc_markers(config)))
 
 
 def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = True, need_sparse: bool = True,
