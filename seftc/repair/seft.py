@@ -285,7 +285,7 @@ class SeftController:
             grow = grow[layer.active[grow] | torch.isin(grow, grown_out)]
         else:
             if o.reactivation == "gain" and bool(pool.any()):
-                pool = self._paying(layer, cand, score, gain, pool, sens, protected_pos, free, o.reactivation_margin)
+                pool = self._paying(layer, cand, score, gain, pool, sens, protected_pos, free, o.reactivation_margin, caps)
             if limit is not None and int(pool.sum()) > limit:  # the best-scored `limit` reactivations
                 ranked = pool.nonzero().flatten()[torch.argsort(score[pool], descending=True, stable=True)]
                 pool[ranked[limit:]] = False
@@ -314,14 +314,15 @@ class SeftController:
 
     @staticmethod
     def _paying(layer: SeftLinear, cand_pos: torch.Tensor, score: torch.Tensor, gain: torch.Tensor, pool: torch.Tensor,
-                sens: torch.Tensor, protected_pos: torch.Tensor, free: int, margin: float) -> torch.Tensor:
+                sens: torch.Tensor, protected_pos: torch.Tensor, free: int, margin: float,
+                caps: torch.Tensor | None = None) -> torch.Tensor:
         """The part of `pool` (pruned candidates) whose reactivation pays: the best `free` of them by
-        score, paired with the cheapest evictions, while gain > margin × cost."""
+        score, paired with the cheapest evictions (under the row caps, if any), while
+        gain > margin × cost."""
         order = torch.argsort(score[pool], descending=True)[:free]
         idx = pool.nonzero().flatten()[order]
-        eligible = layer.active & ~protected_pos
-        n = min(idx.numel(), int(eligible.sum()))
-        cost = torch.topk(torch.where(eligible, sens, torch.full_like(sens, float("inf"))), n, largest=False).values
+        n = min(idx.numel(), int((layer.active & ~protected_pos).sum()))
+        cost = sens[topology.select_prune_back(layer.active, sens, protected_pos, n, layer.in_features, caps)]
         out = torch.zeros_like(pool)
         out[idx[: topology.paying_prefix(gain[idx], cost, margin)]] = True
         return out
