@@ -285,3 +285,23 @@ def test_wanda_eviction_score_runs_end_to_end(pruned, tmp_path):
     m = Manifest.load(tmp_path / "r")
     assert m.config["evict_score"] == "wanda" and sum(s["pruned_back"] for s in m.layer_stats.values()) > 0
     assert all(u["rows_emptied"] >= 0 for u in r.history["updates"])
+
+
+def test_bf16_model_repairs_end_to_end(tmp_path):
+    """A bf16 model: the drift stays fp32 during training, the saved weights are bf16, exact sparsity."""
+    from safetensors.torch import load_file
+
+    from conftest import build_tiny_model, tiny_tokenizer
+
+    build_tiny_model().to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    src = tmp_path / "p"
+    prune(str(tmp_path / "m"), method="wanda", sparsity=0.7, calib={"source": TEXT, "nsamples": 4, "seqlen": 32}, output=src)
+    r = repair(str(src), method="seft", output=tmp_path / "r", density=0.05, reactivation="always", **{**QUICK, "eval_every": 6})
+    m = Manifest.load(tmp_path / "r")
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
+    for rec in m.layers:
+        w = after[rec.name + ".weight"]
+        assert w.dtype == torch.bfloat16 and int(torch.count_nonzero(w)) == int(torch.count_nonzero(before[rec.name + ".weight"]))
+    assert sum(s["regrown"] for s in m.layer_stats.values()) > 0
+    assert r.history["eval_loss"][-1][1] < r.history["eval_loss"][0][1]
