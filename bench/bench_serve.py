@@ -7,7 +7,8 @@ so that a change in machine load hits both): prompts of exactly --prompt-tokens 
 of shakespeare:test), --new-tokens new tokens (ignore_eos), temperature 0. Per model and
 concurrency: requests/s, output tokens/s, time to first token and inter-token latency p50/p99,
 errors, and the server's resident memory (after warm-up, peak, at the end). Writes
-results/serve.md and results/serve.json and prints the ratios against the issue's goals.
+results/serve.md and results/serve.json (the servers' logs under runs/bench-serve/logs) and prints
+the ratios against the issue's goals; exits 1 if any request failed or a server did not exit 0.
 
 The sparse model: --sparse FOLDER (a repaired folder, say), else `seftc prune default --method wanda
 --sparsity 0.7` into runs/bench-serve/wanda70 (cached).
@@ -345,7 +346,7 @@ def main() -> int:
     sparse = sparse_folder(args.sparse)
     prompts = make_prompts(sparse, args.text, max(counts), args.prompt_tokens)
     out = Path(args.out)
-    logs = out.parent / "serve-logs"
+    logs = ROOT / "runs" / "bench-serve" / "logs"  # the servers' output, not part of the results
     logs.mkdir(parents=True, exist_ok=True)
     max_batch = max(levels)
     servers = {name: ServerProcess(name, model, max_batch, max(counts), args.threads, logs / f"{name}.log")
