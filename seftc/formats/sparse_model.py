@@ -106,7 +106,7 @@ def load_sparse(path: str | os.PathLike, dense: bool = False, *, validate: bool 
                 p.to_dense(name)
             packed[name] = p
     if wrong:
-        raise FormatError(f"{folder}: {len(wrong)} stored tensors disagree with config.json in shape: {'; '.join(wrong[:3])}")
+        raise FormatError(f"{folder}: the shape of {len(wrong)} stored tensor(s) disagrees with config.json: {'; '.join(wrong[:3])}")
 
     model.load_state_dict(state, strict=False, assign=True)
     for name, p in packed.items():
