@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import note_checksums, print_json, progress_bars, stderr, user_errors
+from seftc.cli.common import max_shard_size_option, note_checksums, print_json, progress_bars, stderr, user_errors
 
 FORMATS = ["auto", "2:4", "bitmask", "csr", "rice", "ct-sparse-bitmask", "ct-sparse-24-bitmask"]
 
@@ -17,13 +17,15 @@ FORMATS = ["auto", "2:4", "bitmask", "csr", "rice", "ct-sparse-bitmask", "ct-spa
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object on stdout.")
 @click.option("--trust-remote-code", is_flag=True, help="Accept a MODEL whose config.json names its own code (pack never runs it).")
+@max_shard_size_option
 @user_errors
-def pack(model: str, output: str, fmt: str, exact_zeros: bool, force: bool, as_json: bool, trust_remote_code: bool) -> None:
+def pack(model: str, output: str, fmt: str, exact_zeros: bool, force: bool, as_json: bool, trust_remote_code: bool, max_shard_size: str) -> None:
     """Store MODEL's sparse weights in compact formats (dense tensors stay dense)."""
     from seftc.formats.packing import pack_folder
 
     with progress_bars(not as_json) as bars:
-        result = pack_folder(model, output, fmt, force=force, exact_zeros=exact_zeros, trust_remote_code=trust_remote_code, progress=bars)
+        result = pack_folder(model, output, fmt, force=force, exact_zeros=exact_zeros, trust_remote_code=trust_remote_code, progress=bars,
+                             max_shard_size=max_shard_size)
     for w in result.warnings:
         stderr.print(f"[yellow]note:[/yellow] {w}")
     s = result.summary()
@@ -41,13 +43,14 @@ def pack(model: str, output: str, fmt: str, exact_zeros: bool, force: bool, as_j
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder: a dense Hugging Face model folder.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object on stdout.")
+@max_shard_size_option
 @user_errors
-def unpack(packed: str, output: str, force: bool, as_json: bool) -> None:
+def unpack(packed: str, output: str, force: bool, as_json: bool, max_shard_size: str) -> None:
     """Decode a packed folder (seftc or compressed-tensors sparse) back to dense weights."""
     from seftc.formats.packing import unpack_folder
 
     with progress_bars(not as_json) as bars:
-        result = unpack_folder(packed, output, force=force, progress=bars)
+        result = unpack_folder(packed, output, force=force, progress=bars, max_shard_size=max_shard_size)
     note_checksums(result.checksums)
     if as_json:
         print_json(result.summary())

@@ -57,21 +57,22 @@ class Entry:
                 "params": dict(sorted(self.params.items())), "sha256": self.sha256}
 
 
-class PackedWriter:
-    """Write a safetensors file tensor by tensor; `close()` renames it into place.
-
-    Use as a context manager: on an exception nothing is left on disk."""
+class SafetensorsWriter:
+    """Write one safetensors file key by key: each tensor's bytes go to a spool file as soon as it
+    is added (one spool per alignment, so every tensor stays aligned to its element size), and
+    `close()` writes header + spools to a temp file beside the target and renames it into place.
+    Holds no tensor in memory; on `abort()` (or an exception in a `with` block) nothing is left."""
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.metadata = dict(metadata or {})
         self._spools: dict[int, IO[bytes]] = {}
         self._index: list[tuple[str, str, list[int], int, int, int]] = []  # key, dtype, shape, align, start, end
-        self._keys: set[str] = set()
-        self.entries: dict[str, Entry] = {}
-        self.bytes_written = 0
+        self.keys: set[str] = set()
+        self.nbytes = 0  # tensor bytes added so far
+        self.bytes_written = 0  # file size after close
 
-    def __enter__(self) -> "PackedWriter":
+    def __enter__(self) -> "SafetensorsWriter":
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -80,28 +81,9 @@ class PackedWriter:
         else:
             self.abort()
 
-    def add(self, name: str, packed: PackedTensor | torch.Tensor) -> Entry:
-        """Store one tensor: a PackedTensor in its format, a plain tensor as `dense`."""
-        if isinstance(packed, torch.Tensor):
-            packed = DENSE.wrap(packed)
-        problem = name_problem(name)
-        if problem:
-            raise FormatError(f"tensor name {name!r} {problem}; it cannot be stored")
-        if name in self.entries:
-            raise SeftcError(f"tensor {name!r} is written twice")
-        codec = packed.codec
-        keys = [codec.key(name, c) for c in codec.components]
-        clash = [k for k in keys if k in self._keys]
-        if clash:
-            raise SeftcError(f"tensor {name!r}: its key {clash[0]!r} is already taken by another tensor")
-        for key, comp in zip(keys, codec.components):
-            self._write(key, packed.components[comp])
-            self._keys.add(key)
-        entry = Entry(packed.format, codec.version, packed.dtype, tuple(packed.shape), dict(packed.params), packed.sha256(name))
-        self.entries[name] = entry
-        return entry
-
-    def _write(self, key: str, t: torch.Tensor) -> None:
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if key in self.keys:
+            raise SeftcError(f"key {key!r} is written twice")
         align = min(t.element_size(), 8)
         spool = self._spools.get(align)
         if spool is None:
@@ -110,12 +92,11 @@ class PackedWriter:
         start = spool.tell()
         spool.write(raw_bytes(t))
         self._index.append((key, st_name(t.dtype), [int(d) for d in t.shape], align, start, spool.tell()))
+        self.keys.add(key)
+        self.nbytes += spool.tell() - start
 
     def close(self) -> Path:
-        """Assemble header + spools into a temp file beside the target and rename it into place."""
-        metadata = {"format": "pt", **self.metadata, META_CONTAINER: CONTAINER_VERSION,
-                    META_TENSORS: json.dumps({n: e.to_json() for n, e in self.entries.items()}, separators=(",", ":"))}
-        header: dict[str, Any] = {"__metadata__": metadata}
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", **self.metadata}}
         base, order = 0, (8, 4, 2, 1)
         for align in order:
             for key, dtype, shape, a, start, end in self._index:
@@ -125,6 +106,7 @@ class PackedWriter:
                 base += self._spools[align].tell()
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * ((-len(blob)) % 8)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -154,6 +136,67 @@ class PackedWriter:
         for spool in self._spools.values():
             spool.close()
         self._spools.clear()
+
+
+class PackedWriter:
+    """Write a file of packed tensors (the container above) tensor by tensor; `close()` renames it
+    into place. Use as a context manager: on an exception nothing is left on disk."""
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self._file = SafetensorsWriter(self.path)
+        self.entries: dict[str, Entry] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self._file.nbytes
+
+    @property
+    def keys(self) -> set[str]:
+        return self._file.keys
+
+    @property
+    def bytes_written(self) -> int:
+        return self._file.bytes_written
+
+    def __enter__(self) -> "PackedWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, name: str, packed: PackedTensor | torch.Tensor) -> Entry:
+        """Store one tensor: a PackedTensor in its format, a plain tensor as `dense`."""
+        if isinstance(packed, torch.Tensor):
+            packed = DENSE.wrap(packed)
+        problem = name_problem(name)
+        if problem:
+            raise FormatError(f"tensor name {name!r} {problem}; it cannot be stored")
+        if name in self.entries:
+            raise SeftcError(f"tensor {name!r} is written twice")
+        codec = packed.codec
+        keys = [codec.key(name, c) for c in codec.components]
+        clash = [k for k in keys if k in self._file.keys]
+        if clash:
+            raise SeftcError(f"tensor {name!r}: its key {clash[0]!r} is already taken by another tensor")
+        for key, comp in zip(keys, codec.components):
+            self._file.add(key, packed.components[comp])
+        entry = Entry(packed.format, codec.version, packed.dtype, tuple(packed.shape), dict(packed.params), packed.sha256(name))
+        self.entries[name] = entry
+        return entry
+
+    def close(self) -> Path:
+        """Write the file with its `seftc.tensors` metadata and rename it into place."""
+        self._file.metadata = {**self.metadata, META_CONTAINER: CONTAINER_VERSION,
+                               META_TENSORS: json.dumps({n: e.to_json() for n, e in self.entries.items()}, separators=(",", ":"))}
+        return self._file.close()
+
+    def abort(self) -> None:
+        self._file.abort()
 
 
 def save_packed(path: str | os.PathLike, tensors: dict[str, PackedTensor | torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

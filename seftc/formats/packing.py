@@ -22,17 +22,19 @@ from seftc.errors import FormatError, SeftcError
 from seftc.formats.base import ST_DTYPES, VALUE_DTYPES, Analysis, PackedTensor, np_bits, st_name, values_tensor
 from seftc.formats.ct import ct_format, sparsity_config
 from seftc.formats.io import PackedReader, PackedWriter
+from seftc.formats.shards import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, ShardedWriter, checkpoint_files
 from seftc.formats.registry import CHOICES, CT_LAYOUT, choose, get_codec
 from seftc.progress import NO_PROGRESS, ProgressSink
+from seftc.sizes import parse_size
 
 PACK_MANIFEST = "seftc_pack.json"
 PACK_VERSION = 1
 PACK_MARKER = "seftc_pack"  # config.json key naming the writer; unpack removes it
 FOREIGN = "none (foreign compressed-tensors folder)"  # how a folder read without checksums is reported
 FOREIGN_NOTE = "read without checksums (foreign compressed-tensors folder)"
-SEFTC_FILE = "packed.safetensors"  # not model.safetensors: plain transformers must not half-load it
-CT_FILE = "model.safetensors"
-DENSE_FILE = "model.safetensors"
+SEFTC_PREFIX = "packed"  # packed[-0000i-of-0000n].safetensors, not model.*: plain transformers must not half-load it
+CT_PREFIX = "model"
+DENSE_PREFIX = "model"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
 
 
@@ -141,31 +143,9 @@ def pack_tensor(name: str, t: torch.Tensor, fmt: str = "auto", exact_zeros: bool
     return packed, rec
 
 
-def weight_files(folder: Path, single: Path | None = None) -> list[Path]:
-    if single is not None:
-        return [single]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SeftcError(f"{folder} holds no *.safetensors weights")
-    return files
-
-
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of `files`, one at a time."""
-    from safetensors import safe_open
-
-    seen: set[str] = set()
-    for path in files:
-        try:
-            handle = safe_open(str(path), framework="pt")
-            keys = list(handle.keys())
-        except Exception as e:
-            raise SeftcError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
-        for key in keys:
-            if key in seen:
-                raise SeftcError(f"tensor {key!r} appears in more than one weight file of {path.parent}")
-            seen.add(key)
-            yield key, handle.get_tensor(key)
+    """Every tensor of `files` (one checkpoint's shards), one at a time."""
+    yield from CheckpointReader(files).items()
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -256,8 +236,9 @@ def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
 
 def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = "auto", *, force: bool = False,
                 exact_zeros: bool = False, only_if_smaller: bool = True, trust_remote_code: bool = False,
-                progress: ProgressSink = NO_PROGRESS) -> PackResult:
-    """Pack MODEL (a folder, a .safetensors beside its config.json, or `default`) into OUTPUT.
+                progress: ProgressSink = NO_PROGRESS, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> PackResult:
+    """Pack MODEL (a folder, sharded or not, a .safetensors beside its config.json, or `default`)
+    into OUTPUT, in shards of at most `max_shard_size` bytes.
 
     `fmt` is `auto` or a format name (see `registry.CHOICES`); a named format is used for every
     candidate tensor it can hold and, with `only_if_smaller`, where it is smaller than dense."""
@@ -270,7 +251,8 @@ def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = 
     if ref.kind == "gguf":
         raise SeftcError("pack reads safetensors weights; load the .gguf and save it as a model folder first")
     folder = ref.folder
-    files = weight_files(folder, ref.path if ref.kind == "safetensors" else None)
+    files = checkpoint_files(folder, ref.path if ref.kind == "safetensors" else None)
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     config = _read_config(folder)
     why = _already_packed(folder, files, config)
     if why:
@@ -279,16 +261,16 @@ def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = 
         raise SeftcError(f"{folder} is already compressed or quantized (config.json has a quantization_config); unpack it first")
     out = check_output(output, force, inputs=(folder,))
     ct = fmt in CT_LAYOUT
-    name = CT_FILE if ct else SEFTC_FILE
+    prefix = CT_PREFIX if ct else SEFTC_PREFIX
     start = time.perf_counter()
     records: dict[str, TensorRecord] = {}
     total = _count_tensors(files)
     advance = progress.task(f"packing ({fmt})", total)
     with atomic_folder(out) as tmp:
-        with PackedWriter(tmp / name) as writer:
+        with ShardedWriter(tmp, prefix, shard_bytes, PackedWriter) as writer:
             for key, tensor in iter_tensors(files):
                 packed, rec = pack_tensor(key, tensor, fmt, exact_zeros, only_if_smaller)
-                writer.add(key, packed)
+                writer.add(key, packed, packed.nbytes)
                 records[key] = rec
                 del tensor, packed
                 advance(1)
@@ -302,8 +284,8 @@ def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = 
         config[PACK_MARKER] = {"version": PACK_VERSION, "layout": "compressed-tensors" if ct else "seftc", "checksums": "sha256"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST})
-        result = PackResult(out, "compressed-tensors" if ct else "seftc", fmt, [name], records,
-                            (tmp / name).stat().st_size, time.perf_counter() - start, warnings)
+        result = PackResult(out, "compressed-tensors" if ct else "seftc", fmt, writer.files, records,
+                            sum((tmp / f).stat().st_size for f in writer.files), time.perf_counter() - start, warnings)
         (tmp / PACK_MANIFEST).write_text(json.dumps(result.manifest(), indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -384,9 +366,10 @@ def packed_files(folder: Path) -> PackedFolder:
                           "its checksums may have been stripped, so it is not read unverified; pack the original model again")
     if legacy is None:
         raise FormatError(f"{folder} is not a packed model: no {PACK_MANIFEST} and no compressed-tensors sparsity_config in config.json")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FormatError(f"{folder} holds no *.safetensors files")
+    try:
+        files = checkpoint_files(folder)
+    except SeftcError as e:
+        raise FormatError(str(e)) from None
     for path in files:
         seftc_keys = sorted(k for k in (_file_header(path) or ([], {}))[1] if k.startswith("seftc."))
         if seftc_keys:
@@ -409,13 +392,15 @@ def iter_packed(folder: Path) -> Iterator[tuple[PackedReader, str]]:
 
 
 def unpack_folder(packed: str | os.PathLike, output: str | os.PathLike, *, force: bool = False,
-                  progress: ProgressSink = NO_PROGRESS) -> UnpackResult:
-    """Decode a packed folder (seftc's, or a compressed-tensors sparse one) into a dense HF folder."""
+                  progress: ProgressSink = NO_PROGRESS, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> UnpackResult:
+    """Decode a packed folder (seftc's, or a compressed-tensors sparse one) into a dense HF folder,
+    in shards of at most `max_shard_size` bytes (with the index when there is more than one)."""
     from seftc.models.saving import atomic_folder, check_output
 
     folder = Path(packed).expanduser()
     source = packed_files(folder)
     files = source.files
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     out = check_output(output, force, inputs=(folder,))
     config = _read_config(folder)
     removed = [config.pop(k, None) for k in ("quantization_config", "compression_config", PACK_MARKER)]
@@ -424,7 +409,7 @@ def unpack_folder(packed: str | os.PathLike, output: str | os.PathLike, *, force
     count = 0
     advance = progress.task("unpacking", None)
     with atomic_folder(out) as tmp:
-        with PackedWriter(tmp / DENSE_FILE) as writer:
+        with ShardedWriter(tmp, DENSE_PREFIX, shard_bytes) as writer:
             for reader, name in iter_packed(folder):
                 writer.add(name, reader.read_dense(name))
                 count += 1
@@ -434,5 +419,5 @@ def unpack_folder(packed: str | os.PathLike, output: str | os.PathLike, *, force
         else:
             shutil.copy2(folder / "config.json", tmp / "config.json")
         _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST, *(f.name for f in files)})
-        size = (tmp / DENSE_FILE).stat().st_size
+        size = sum((tmp / f).stat().st_size for f in writer.files)
     return UnpackResult(out, count, size, time.perf_counter() - start, source.checksums)

@@ -212,7 +212,7 @@ def load_model(
 ) -> LoadedModel:
     """Load MODEL (see module docstring) in eval mode on the CPU."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     ref = spec if isinstance(spec, ModelRef) else resolve_model(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tokenizer = None
@@ -250,9 +250,16 @@ def load_model(
         raise SeftcError(f"cannot load weights from {folder}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
     if need_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
+        tokenizer = load_tokenizer(folder, trust_remote_code)
     del torch
     return LoadedModel(model, tokenizer, ref)
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer saved beside a model, or None when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None

@@ -89,16 +89,44 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def save_masks(folder: Path, masks: dict[str, Any]) -> None:
-    """Write the keep-masks (bool tensors) as little-endian packed bits; shapes in the metadata.
-    A mask is explicit state: a kept weight may be exactly zero (e.g. dequantized GGUF weights),
-    so it cannot be recovered from `W != 0`."""
-    import numpy as np
-    from safetensors.numpy import save_file
+class MaskWriter:
+    """Stream keep-masks (bool tensors) into the mask file, one at a time, as little-endian packed
+    bits with their shapes in the metadata; `close()` puts the file in place. A mask is explicit
+    state: a kept weight may be exactly zero (e.g. dequantized GGUF weights), so it cannot be
+    recovered from `W != 0`."""
 
-    arrays = {name: np.packbits(m.detach().cpu().numpy().reshape(-1), bitorder="little") for name, m in masks.items()}
-    meta = {name: json.dumps(list(m.shape)) for name, m in masks.items()}
-    save_file(arrays, str(Path(folder) / MASKS_NAME), metadata=meta)
+    def __init__(self, folder: Path):
+        from seftc.formats.io import SafetensorsWriter
+
+        self._file = SafetensorsWriter(Path(folder) / MASKS_NAME)
+        self._shapes: dict[str, str] = {}
+
+    def add(self, name: str, mask: Any) -> None:
+        import numpy as np
+        import torch
+
+        bits = np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1), bitorder="little")
+        self._file.add(name, torch.from_numpy(bits))
+        self._shapes[name] = json.dumps(list(mask.shape))
+
+    def close(self) -> None:
+        self._file.metadata = dict(self._shapes)
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.abort()
+
+
+def save_masks(folder: Path, masks: dict[str, Any]) -> None:
+    """Write the keep-masks (bool tensors) into `folder`'s mask file (see MaskWriter)."""
+    writer = MaskWriter(folder)
+    try:
+        for name, m in masks.items():
+            writer.add(name, m)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
 
 
 def load_masks(folder: Path) -> dict[str, Any] | None:

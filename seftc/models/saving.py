@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 from seftc.errors import SeftcError
+from seftc.formats.shards import DEFAULT_MAX_SHARD_SIZE
+from seftc.sizes import parse_size
 
 
 def check_output(out: str | os.PathLike, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
@@ -68,10 +70,54 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(model, tokenizer, out: Path, extra_files: dict[str, str] | None = None, masks: dict | None = None) -> Path:
-    """Write a folder that plain `AutoModelForCausalLM.from_pretrained` loads (+ the masks file)."""
+def saved_names(model) -> dict[str, str]:
+    """State-dict key -> checkpoint key of every tensor `save_pretrained` would write: tied copies
+    left out, transformers' per-architecture renamings reverted (e.g. GPT-NeoX `lm_head.` ->
+    `embed_out.`). Works on a meta-device skeleton. Raises SeftcError for architectures whose
+    checkpoint layout is not a renaming of the state dict (fused or split tensors)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict(keep_vars=True)
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    by_id = {id(t): k for k, t in state.items()}
+    reverted = revert_weight_conversion(model, dict(state))
+    names = {}
+    for ckpt_key, t in reverted.items():
+        key = by_id.get(id(t))
+        if key is None:
+            raise SeftcError(f"{type(model).__name__}: its checkpoint layout converts tensors (not only renames them); seftc cannot stream it")
+        names[key] = ckpt_key
+    return names
+
+
+def write_config(model, folder: Path) -> None:
+    """config.json (+ generation_config.json) as `save_pretrained` writes them."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        model.config.dtype = str(dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def save_model(model, tokenizer, out: Path, extra_files: dict[str, str] | None = None, masks: dict | None = None,
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write a folder that plain `AutoModelForCausalLM.from_pretrained` loads (+ the masks file),
+    its weights streamed into shards of at most `max_shard_size` bytes."""
+    from seftc.formats.shards import ShardedWriter
+
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    names = saved_names(model)
+    state = model.state_dict()
     with atomic_folder(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        write_config(model, tmp)
+        with ShardedWriter(tmp, "model", shard_bytes) as writer:
+            for key, ckpt_key in names.items():
+                writer.add(ckpt_key, state[key])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

@@ -24,6 +24,7 @@ def _apply(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class MethodOptions:
     blocksize: int = 128
     damp: float = 0.01
+    device: str = "cpu"  # where statistics accumulate (the device the block runs on)
 
 
 class LayerPruner(Protocol):
@@ -59,7 +60,7 @@ class WandaPruner:
     needs_calibration = True
 
     def __init__(self, in_features: int, options: MethodOptions):
-        self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float64, device=options.device)
 
     @staticmethod
     def statistics(x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ class SparseGPTPruner:
 
     def __init__(self, in_features: int, options: MethodOptions):
         self.options = options
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=options.device)
         self.tokens = 0
 
     @staticmethod

@@ -5,7 +5,8 @@
 2. Block by block, the block's linear layers see their inputs through forward pre-hooks; a
    handler observes them and acts (prunes) before the layer computes, and the block's output
    becomes the next block's input. So each block is calibrated on the outputs of the already
-   pruned blocks before it, and peak memory is one block plus the calibration activations.
+   pruned blocks before it, and peak memory is one block plus the calibration activations
+   (with a streaming `BlockSource`, only that block is in memory at all).
 
 With `batch_size=None` all samples go through a block at once and each layer is pruned in its
 own pre-hook, so later layers of the block see the pruned earlier ones and every block runs
@@ -27,6 +28,25 @@ class BlockHandler(Protocol):
     def observe(self, target: Target, x: torch.Tensor) -> None: ...
 
     def finish(self, targets: Sequence[Target]) -> None: ...
+
+
+class BlockSource(Protocol):
+    """Where a block's weights come from: `load(i)` before block i runs, `done(i)` once its
+    output is computed (streaming: read it from the checkpoint, then write and free it)."""
+
+    def load(self, i: int) -> None: ...
+
+    def done(self, i: int) -> None: ...
+
+
+class Resident:
+    """The whole model is in memory already: nothing to load or free."""
+
+    def load(self, i: int) -> None:
+        pass
+
+    def done(self, i: int) -> None:
+        pass
 
 
 class _Recorder(nn.Module):
@@ -86,8 +106,10 @@ def run_blocks(
     batch_size: int | None = None,
     progress: ProgressSink = NO_PROGRESS,
     description: str = "calibrating",
+    source: BlockSource = Resident(),
 ) -> None:
-    """Feed calibration samples through the decoder block by block (see module docstring)."""
+    """Feed calibration samples through the decoder block by block (see module docstring);
+    `source` brings each block in before it runs and takes it out after."""
     _, blocks = find_blocks(model)
     bs = input_ids.shape[0] if not batch_size else batch_size
     chunks = list(input_ids.split(bs))
@@ -100,6 +122,7 @@ def run_blocks(
 
     for i, block in enumerate(blocks):
         block_targets = by_block.get(i, [])
+        source.load(i)
 
         def make_hook(target: Target) -> Callable:
             def hook(module: nn.Module, inputs: tuple) -> None:
@@ -123,4 +146,5 @@ def run_blocks(
             handler.finish(block_targets)
             hidden = [_block_forward(block, x, calls[i][c]) for c, x in enumerate(hidden)]
         calls[i] = []  # free this block's masks and rotary tables
+        source.done(i)
         advance(1)

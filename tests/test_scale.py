@@ -1,0 +1,207 @@
+"""Models larger than the machine: sharded checkpoints in and out, the streaming prune (one block
+in memory at a time, bit-identical to the in-memory prune), sizes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from seftc.cli.main import cli
+from seftc.errors import SeftcError
+from seftc.models.manifest import load_masks
+from seftc.prune.api import prune
+from seftc.sizes import parse_size
+
+from conftest import build_tiny_model, tiny_config, tiny_tokenizer
+
+TEXT = Path(__file__).with_name("data") / "sonnets.txt"
+CALIB = {"source": str(TEXT), "nsamples": 4, "seqlen": 32}
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a (possibly sharded) model folder, by checkpoint key."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _save(folder: Path, arch: str = "llama", layers: int = 2, dtype=torch.float32, shard: str | None = None) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(arch)
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _run(*args: str, ok: bool = True):
+    r = CliRunner().invoke(cli, list(args))
+    if ok:
+        assert r.exit_code == 0, r.output
+    return r
+
+
+def test_parse_size():
+    assert parse_size("500MB") == 500 * 10**6 and parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("1.5 GiB") == 3 * 2**29 and parse_size(1234) == 1234
+    assert parse_size("8g") == 8 * 2**30
+    for bad in ("", "lots", "5 parsecs", "0", "-1GB"):
+        with pytest.raises(SeftcError, match="size"):
+            parse_size(bad, "--max-shard-size")
+
+
+STREAM_CASES = [
+    ("llama", dict(method="magnitude", sparsity=0.6)),
+    ("llama", dict(method="wanda", sparsity=0.5)),
+    ("llama", dict(method="sparsegpt", sparsity=0.5)),
+    ("llama", dict(method="wanda", pattern="2:4")),
+    ("llama", dict(method="sparsegpt", pattern="2:4")),
+    ("llama", dict(method="wanda", sparsity=0.6, owl=True, owl_m=1.5, owl_lambda=0.1)),
+    ("llama", dict(method="sparsegpt", sparsity=0.5, owl=True, owl_m=1.5, batch_size=2)),
+    ("llama", dict(method="wanda", sparsity=0.5, batch_size=2)),
+    ("gpt_neox", dict(method="wanda", sparsity=0.5)),  # its LM head is saved under another name (embed_out)
+    ("opt", dict(method="sparsegpt", pattern="2:4")),  # tied LM head, learned positions
+    ("qwen2", dict(method="magnitude", pattern="4:8")),
+]
+
+
+@pytest.mark.parametrize("arch,kw", STREAM_CASES, ids=[f"{a}-{'-'.join(str(v) for v in k.values())}" for a, k in STREAM_CASES])
+def test_streaming_prune_is_identical_to_in_memory(tiny_dirs, tmp_path, arch, kw):
+    src = tiny_dirs[arch]
+    whole = prune(str(src), calib=CALIB, output=tmp_path / "whole", stream=False, **kw)
+    streamed = prune(str(src), calib=CALIB, output=tmp_path / "streamed", stream=True, **kw)
+    assert streamed.streamed and not whole.streamed
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "streamed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ma, mb = load_masks(tmp_path / "whole"), load_masks(tmp_path / "streamed")
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    strip = lambda m: [{k: v for k, v in vars(r).items()} for r in m.layers]  # noqa: E731
+    assert strip(whole.manifest) == strip(streamed.manifest)  # same counts, patterns and mask checksums
+    assert whole.manifest.sparsity == streamed.manifest.sparsity
+    assert whole.manifest.config == streamed.manifest.config
+    ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("whole", "streamed"))
+    assert ca == cb
+    # and plain transformers loads the streamed folder
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed"))
+    state = reloaded.state_dict()
+    target = streamed.manifest.layers[0]
+    assert int(torch.count_nonzero(state[target.name + ".weight"])) == target.nonzero
+
+
+def test_streaming_holds_at_most_two_blocks(tmp_path, monkeypatch):
+    """Count the decoder blocks holding real (non-meta) tensors at every block forward and every
+    load: never more than two, whatever the depth; and none is left at the end."""
+    from seftc.models import streaming
+    from seftc.models.targets import find_blocks
+    from seftc.prune import sequential
+
+    src = _save(tmp_path / "deep", layers=6)
+    seen: list[int] = []
+    skeletons: list = []
+    original_init, original_materialize, original_forward = (streaming.StreamingModel.__init__,
+                                                             streaming.StreamingModel.materialize, sequential._block_forward)
+
+    def count() -> None:
+        seen.append(streaming.materialized_blocks(find_blocks(skeletons[-1])[1]))
+
+    def init(self, *a, **k):
+        original_init(self, *a, **k)
+        skeletons.append(self.model)
+        count()
+
+    def materialize(self, keys, device="cpu"):
+        original_materialize(self, keys, device)
+        count()
+
+    def forward(block, x, call):
+        count()
+        return original_forward(block, x, call)
+
+    monkeypatch.setattr(streaming.StreamingModel, "__init__", init)
+    monkeypatch.setattr(streaming.StreamingModel, "materialize", materialize)
+    monkeypatch.setattr(sequential, "_block_forward", forward)
+    for kw in (dict(method="wanda"), dict(method="sparsegpt", batch_size=2), dict(method="wanda", owl=True, owl_m=1.5), dict(method="magnitude")):
+        seen.clear()
+        r = prune(str(src), calib=CALIB, output=tmp_path / "out", force=True, **kw)
+        assert r.streamed
+        assert seen[0] == 0 and max(seen) >= 1 and max(seen) <= 2, (kw, seen)
+        assert streaming.materialized_blocks(find_blocks(skeletons[-1])[1]) == 0
+        assert all(p.is_meta for p in skeletons[-1].parameters())  # everything went to the output, nothing stayed
+    assert len(skeletons) == 4
+
+
+def test_streaming_keeps_bf16(tmp_path):
+    src = _save(tmp_path / "bf16", dtype=torch.bfloat16)
+    r = prune(str(src), method="wanda", calib=CALIB, output=tmp_path / "out")
+    assert r.streamed
+    state = _state(tmp_path / "out")
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_sharded_checkpoints_in_and_out(tmp_path):
+    """A sharded input (index + shards) is read by prune (streamed), inspect, pack; prune and
+    unpack write sharded output with the HF index that plain transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    single = _save(tmp_path / "single")
+    sharded = _save(tmp_path / "sharded", shard="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+
+    a = prune(str(single), method="wanda", calib=CALIB, output=tmp_path / "p1")
+    b = prune(str(sharded), method="wanda", calib=CALIB, output=tmp_path / "p2", max_shard_size="50KB")
+    assert a.streamed and b.streamed
+    assert (tmp_path / "p1" / "model.safetensors").is_file() and not (tmp_path / "p1" / "model.safetensors.index.json").exists()
+    index = json.loads((tmp_path / "p2" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "p2").glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    for s in shards:  # within the bound, or one tensor alone that is bigger than it
+        keys = [k for k, f in index["weight_map"].items() if f == s]
+        assert (tmp_path / "p2" / s).stat().st_size <= 50_000 + 4096 or len(keys) == 1, s
+    sa, sb = _state(tmp_path / "p1"), _state(tmp_path / "p2")
+    assert sa.keys() == sb.keys() == index["weight_map"].keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sb.values())
+    m1 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p1")).state_dict()
+    m2 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p2")).state_dict()
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+
+    info = json.loads(_run("inspect", str(tmp_path / "p2"), "--json").output)
+    assert abs(info["sparsity"] - 0.5) < 1e-9 and info["bytes"]["on_disk"] >= index["metadata"]["total_size"]
+
+    _run("pack", str(tmp_path / "p2"), "-o", str(tmp_path / "packed"), "--max-shard-size", "30KB")
+    pack_manifest = json.loads((tmp_path / "packed" / "seftc_pack.json").read_text())
+    assert len(pack_manifest["files"]) > 1 and all(f.startswith("packed-") for f in pack_manifest["files"])
+    _run("unpack", str(tmp_path / "packed"), "-o", str(tmp_path / "unpacked"), "--max-shard-size", "60KB")
+    assert (tmp_path / "unpacked" / "model.safetensors.index.json").is_file()
+    su = _state(tmp_path / "unpacked")
+    assert su.keys() == sb.keys() and all(torch.equal(su[k], sb[k]) for k in sb)
+    m3 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "unpacked")).state_dict()
+    assert all(torch.equal(m1[k], m3[k]) for k in m1)
+
+
+def test_sharded_input_with_a_missing_shard_is_refused(tmp_path):
+    src = _save(tmp_path / "m", shard="40KB")
+    next(iter(sorted(src.glob("model-*.safetensors")))).unlink()
+    for args in (("prune", str(src), "-o", str(tmp_path / "o"), "--method", "magnitude"), ("pack", str(src), "-o", str(tmp_path / "o"))):
+        r = _run(*args, ok=False)
+        assert r.exit_code == 2 and "missing" in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "o").exists()
+
+
+def test_bad_max_shard_size_is_refused_before_work(tiny_dir, tmp_path):
+    for cmd in ("prune", "pack"):
+        r = _run(cmd, str(tiny_dir), "-o", str(tmp_path / "o"), "--max-shard-size", "huge", ok=False)
+        assert r.exit_code == 2 and "--max-shard-size" in r.output, r.output
+        assert not (tmp_path / "o").exists()
