@@ -170,7 +170,6 @@ def prune(
     layer_sparsity: dict[str, float] | None = None,
     stream: bool | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    max_memory: int | str | None = None,
     device: str | None = None,
     **overrides: Any,
 ) -> PruneResult:
@@ -183,8 +182,7 @@ def prune(
     streamed (`stream=None` decides so; True insists, False loads it whole): a meta-device
     skeleton, the embeddings, then one decoder block at a time read from the checkpoint, pruned,
     written to `output` (shards of at most `max_shard_size`) and freed. A GGUF file, or a
-    checkpoint whose keys need renaming, is loaded whole. `max_memory` refuses up front a run
-    whose planned peak exceeds it. `device`: where blocks compute (default: CUDA when available;
+    checkpoint whose keys need renaming, is loaded whole. `device`: where blocks compute (default: CUDA when available;
     for a loaded model, where it is)."""
     cfg = make_config(**{**(config.model_dump() if config else {}), **overrides})
     start = time.perf_counter()
@@ -193,11 +191,6 @@ def prune(
         dev = str(next(model.model.parameters()).device)
     else:
         dev = resolve_device(device)
-    if max_memory is not None and not isinstance(model, LoadedModel):
-        from seftc.plan import check_fits
-
-        check_fits(model, "prune", max_memory, prune_config=cfg, streamed=stream is not False and output is not None,
-                   trust_remote_code=trust_remote_code)
     loaded, streaming = _open_model(model, output, force, stream, dtype, trust_remote_code, allow_pickle)
     if streaming is None and str(next(loaded.model.parameters()).device) != dev:
         loaded.model.to(dev)
