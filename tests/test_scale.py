@@ -205,3 +205,83 @@ def test_bad_max_shard_size_is_refused_before_work(tiny_dir, tmp_path):
         r = _run(cmd, str(tiny_dir), "-o", str(tmp_path / "o"), "--max-shard-size", "huge", ok=False)
         assert r.exit_code == 2 and "--max-shard-size" in r.output, r.output
         assert not (tmp_path / "o").exists()
+
+
+def test_plan_cli_json_adds_up_from_the_config(tiny_dir):
+    from seftc.plan import SEFT_SLOT_BYTES
+
+    out = json.loads(_run("plan", str(tiny_dir), "--json").output)
+    model = build_tiny_model("llama")
+    shape = out["shape"]
+    assert shape["params"] == sum(p.numel() for p in model.parameters()) and shape["blocks"] == 2
+    assert shape["target_params"] == sum(m.weight.numel() for n, m in model.named_modules()
+                                         if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    plans = {(p["command"], p["method"]): p for p in out["plans"]}
+    assert {("prune", "wanda"), ("prune", "sparsegpt"), ("repair", "seft"), ("repair", "static"), ("repair", "lora-merge"),
+            ("pack", None), ("eval", None), ("bench", None)} <= set(plans)
+    for p in plans.values():
+        assert p["total"] == sum(p["terms"].values()) > 0
+    assert plans[("repair", "seft")]["terms"]["SEFT slots"] == int(0.02 * shape["target_params"]) * SEFT_SLOT_BYTES
+    fsdp = {(p["command"], p["method"]): p for p in json.loads(_run("plan", str(tiny_dir), "--json", "--nproc", "2", "--fsdp",
+                                                                     "--method", "static").output)["plans"]}
+    assert fsdp[("repair", "static")]["per_rank"] and ("prune", "wanda") not in fsdp
+    assert fsdp[("repair", "static")]["terms"]["optimizer state"] * 2 == plans[("repair", "static")]["terms"]["optimizer state"]
+    r = _run("plan", str(tiny_dir), "--method", "nope", ok=False)
+    assert r.exit_code == 2 and "unknown method" in r.output
+
+
+def test_plan_streamed_prune_is_flat_with_depth():
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from seftc.plan import plan_prune, shape_of
+
+    def shape(layers: int):
+        cfg = tiny_config("llama")
+        cfg.num_hidden_layers = layers
+        with init_empty_weights():
+            return shape_of(AutoModelForCausalLM.from_config(cfg))
+
+    shallow, deep = shape(2), shape(32)
+    assert deep.params > 4 * shallow.params
+    assert plan_prune(deep, "wanda").total == plan_prune(shallow, "wanda").total  # streamed: one block at a time
+    assert plan_prune(deep, "wanda", streamed=False).total > plan_prune(shallow, "wanda", streamed=False).total
+
+
+def test_max_memory_refuses_up_front(tiny_dir, tmp_path):
+    r = _run("prune", str(tiny_dir), "-o", str(tmp_path / "o"), "--max-memory", "1MB", ok=False)
+    assert r.exit_code == 2 and "would need about" in r.output and "--max-memory" in r.output, r.output
+    assert not (tmp_path / "o").exists()
+    r = _run("eval", str(tiny_dir), "--ppl", str(TEXT), "--max-memory", "1MB", ok=False)
+    assert r.exit_code == 2 and "eval would need about" in r.output, r.output
+    r = _run("prune", str(tiny_dir), "-o", str(tmp_path / "o"), "--max-memory", "lots", ok=False)
+    assert r.exit_code == 2 and "--max-memory" in r.output
+    _run("prune", str(tiny_dir), "-o", str(tmp_path / "o"), "--max-memory", "64GiB", "--method", "magnitude")
+    assert (tmp_path / "o" / "seftc_manifest.json").is_file()
+    pruned = tmp_path / "o"
+    r = _run("repair", str(pruned), "-o", str(tmp_path / "r"), "--steps", "1", "--max-memory", "10MB", ok=False)
+    assert r.exit_code == 2 and "repair would need about" in r.output, r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_plan_is_near_the_measured_peak_of_a_streamed_prune(tmp_path):
+    """Loose on purpose (the benchmark holds the real check): a streamed Wanda prune of a ~17 M
+    parameter model, in its own process, peaks within a wide band around the plan."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=8000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                      num_key_value_heads=6, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    args = ["prune", str(tmp_path / "m"), "-o", str(tmp_path / "o"), "--nsamples", "8", "--seqlen", "128", "--calib", str(TEXT)]
+    code = ("import resource, sys\nfrom seftc.cli.main import main\nsys.argv = ['seftc'] + sys.argv[1:]\ntry:\n    main()\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\nprint('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    peak = int(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("PEAK")))
+    plan = {(p["command"], p["method"]): p for p in json.loads(_run("plan", str(tmp_path / "m"), "--json", "--nsamples", "8",
+                                                                    "--seqlen", "128").output)["plans"]}
+    assert 0.6 < peak / plan[("prune", "wanda")]["total"] < 1.5, (peak, plan[("prune", "wanda")])

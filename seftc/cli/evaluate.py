@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from seftc.cli.common import print_json, progress_bars, stdout, user_errors
+from seftc.cli.common import device_option, max_memory_option, print_json, progress_bars, stdout, user_errors
 
 
 @click.command("eval")
@@ -20,9 +20,12 @@ from seftc.cli.common import print_json, progress_bars, stdout, user_errors
               help="Length normalisation of choice log-likelihoods: per UTF-8 byte (lm-eval acc_norm style), per token, or none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
+@max_memory_option
+@device_option
 @user_errors
 def evaluate(model: str, ppl_source: str | None, tasks: str | None, limit: int | None, seqlen: int,
-             stride: int | None, batch_size: int | None, norm: str, as_json: bool, trust_remote_code: bool) -> None:
+             stride: int | None, batch_size: int | None, norm: str, as_json: bool, trust_remote_code: bool,
+             max_memory: str | None, device: str | None) -> None:
     """Perplexity and zero-shot accuracy of MODEL (a folder, .safetensors, .gguf, or 'default')."""
     from seftc.data.corpus import DEFAULT_PPL, load_text
     from seftc.data.tasks import check_task_names
@@ -44,7 +47,16 @@ def evaluate(model: str, ppl_source: str | None, tasks: str | None, limit: int |
 
     hf_logging.disable_progress_bar()  # stderr carries only our bars, or one error line
     hf_logging.set_verbosity_error()
+    from seftc.device import resolve_device
+
+    dev = resolve_device(device)
+    if max_memory is not None:
+        from seftc.plan import check_fits, model_shape, plan_eval
+
+        shape = model_shape(model, trust_remote_code=trust_remote_code)[0]
+        check_fits(plan_eval(shape, batch_size=batch_size or (4 if text is not None else 16), seqlen=seqlen), max_memory)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
+    loaded.model.to(dev)
     if loaded.tokenizer is None:
         raise SeftcError(f"{model} has no tokenizer; save one beside the model (tokenizer.json / tokenizer_config.json)")
     ppl = None

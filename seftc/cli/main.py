@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": "seftc.cli.generate:generate",
     "unpack": "seftc.cli.pack:unpack",
     "serve": "seftc.cli.serve:serve",
+    "plan": "seftc.cli.plan:plan",
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import device_option, max_shard_size_option, print_json, progress_bars, stderr, user_errors
+from seftc.cli.common import device_option, max_memory_option, max_shard_size_option, print_json, progress_bars, stderr, user_errors
 
 
 @click.command("prune")
@@ -29,12 +29,13 @@ from seftc.cli.common import device_option, max_shard_size_option, print_json, p
 @click.option("--stream/--no-stream", default=None,
               help="Read, prune, write and free one decoder block at a time (default for safetensors checkpoints; GGUF loads whole).")
 @max_shard_size_option
+@max_memory_option
 @device_option
 @user_errors
 def prune(model: str, output: str, method: str, sparsity: float | None, pattern: str, calib: str, nsamples: int, seqlen: int, seed: int,
           include: tuple[str, ...], ignore: tuple[str, ...], owl: bool, owl_lambda: float, batch_size: int | None, dtype: str,
           force: bool, as_json: bool, trust_remote_code: bool, allow_pickle: bool, stream: bool | None, max_shard_size: str,
-          device: str | None) -> None:
+          max_memory: str | None, device: str | None) -> None:
     """Prune MODEL one-shot (magnitude, Wanda or SparseGPT) and save it to OUT."""
     from seftc.models.targets import DEFAULT_IGNORE
     from seftc.prune.api import prune as run_prune
@@ -48,7 +49,7 @@ def prune(model: str, output: str, method: str, sparsity: float | None, pattern:
     with progress_bars(not as_json) as bars:
         result = run_prune(model, cfg, output=output, force=force, progress=bars, dtype=dtype,
                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, stream=stream,
-                           max_shard_size=max_shard_size, device=device)
+                           max_shard_size=max_shard_size, max_memory=max_memory, device=device)
     m = result.manifest
     if as_json:
         import json

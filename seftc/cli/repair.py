@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import print_json, progress_bars, stderr, user_errors
+from seftc.cli.common import max_memory_option, print_json, progress_bars, stderr, user_errors
 
 
 @click.command("repair")
@@ -51,11 +51,12 @@ from seftc.cli.common import print_json, progress_bars, stderr, user_errors
 @click.option("--resume", is_flag=True, help="Continue from OUT.checkpoint/.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
+@max_memory_option
 @user_errors
 def repair(model: str, output: str, method: str, data: str, eval_data: str, steps: int, seqlen: int, batch_size: int,
            grad_accum: int, lr: float | None, seed: int, density: float, update_interval: int, accumulation: int, zeta0: float,
            protect: int, init: str, reactivation: str, lora_r: int, eval_every: int, grad_checkpointing: bool, checkpoint_every: int,
-           resume: bool, force: bool, as_json: bool, **v2: object) -> None:
+           resume: bool, force: bool, as_json: bool, max_memory: str | None, **v2: object) -> None:
     """Repair a pruned MODEL (written by `seftc prune`) while keeping its sparsity."""
     from seftc.errors import SeftcError
     from seftc.repair.api import interrupted_message, repair as run_repair
@@ -67,6 +68,13 @@ def repair(model: str, output: str, method: str, data: str, eval_data: str, step
         protect=protect, init=init, reactivation=reactivation, lora_r=lora_r, eval_every=eval_every, grad_checkpointing=grad_checkpointing,
         checkpoint_every=checkpoint_every, **v2,
     )
+    if max_memory is not None:
+        import os
+
+        from seftc.plan import check_fits, model_shape, plan_repair
+
+        check_fits(plan_repair(model_shape(model)[0], method, batch_size=batch_size, seqlen=seqlen, density=density, lora_r=lora_r,
+                               grad_checkpointing=grad_checkpointing, nproc=int(os.environ.get("WORLD_SIZE", "1"))), max_memory)
     try:
         with progress_bars(not as_json) as bars:
             result = run_repair(model, cfg, output=output, force=force, resume=resume, progress=bars)

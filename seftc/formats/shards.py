@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -148,25 +149,33 @@ def checkpoint_files(folder: Path, single: Path | None = None, prefix: str = "mo
 
 
 class CheckpointReader:
-    """Every tensor of a (possibly sharded) safetensors checkpoint by key, one at a time."""
+    """Every tensor of a (possibly sharded) safetensors checkpoint by key, one at a time.
+
+    Each file is validated by safetensors' own parser when opened; tensors are then read with
+    plain positioned reads into fresh memory, not through a memory map: pages of a mapped file stay
+    in the process's resident set while the map is open, so reading a whole checkpoint through
+    one would grow the peak RSS to the checkpoint's size, however little the caller holds."""
 
     def __init__(self, files: list[Path]):
         from safetensors import safe_open
 
         self.files = files
-        self._handles: list[Any] = []
-        self._where: dict[str, int] = {}
-        for path in files:
+        self._where: dict[str, tuple[int, str, tuple[int, ...], int, int]] = {}  # key -> file, dtype, shape, start, end
+        for n, path in enumerate(files):
             try:
-                handle = safe_open(str(path), framework="pt")
-                keys = list(handle.keys())
+                with safe_open(str(path), framework="pt") as handle:
+                    keys = list(handle.keys())
+                with open(path, "rb") as f:
+                    size = struct.unpack("<Q", f.read(8))[0]
+                    header = json.loads(f.read(size))
             except Exception as e:  # the safetensors parser rejects malformed files with assorted errors
                 raise SeftcError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
             for key in keys:
                 if key in self._where:
                     raise SeftcError(f"tensor {key!r} appears in more than one weight file of {path.parent}")
-                self._where[key] = len(self._handles)
-            self._handles.append(handle)
+                info = header[key]
+                start, end = info["data_offsets"]
+                self._where[key] = (n, info["dtype"], tuple(info["shape"]), 8 + size + start, 8 + size + end)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -175,13 +184,23 @@ class CheckpointReader:
         return key in self._where
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+        return self._where[key][2]
 
     def get(self, key: str) -> torch.Tensor:
+        from seftc.formats.base import ST_DTYPES
+
+        n, dtype, shape, start, end = self._where[key]
+        buf = bytearray(end - start)
         try:
-            return self._handles[self._where[key]].get_tensor(key)
-        except Exception as e:
-            raise SeftcError(f"cannot read tensor {key!r} from {self.files[self._where[key]]}: {str(e).splitlines()[0][:200]}") from None
+            with open(self.files[n], "rb") as f:
+                f.seek(start)
+                if f.readinto(buf) != len(buf):
+                    raise OSError("the file ends early")
+        except OSError as e:
+            raise SeftcError(f"cannot read tensor {key!r} from {self.files[n]}: {e}") from None
+        if not buf:
+            return torch.empty(shape, dtype=ST_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=ST_DTYPES[dtype]).reshape(shape)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self._where:

@@ -135,7 +135,10 @@ class _Blocks:
 
 
 def _open_model(model: str | os.PathLike | LoadedModel, output: str | os.PathLike | None, force: bool, stream: bool | None,
-                dtype: str, trust_remote_code: bool, allow_pickle: bool) -> tuple[LoadedModel, StreamingModel | None]:
+                dtype: str, trust_remote_code: bool, allow_pickle: bool,
+                fits: Callable[[bool], None] = lambda streamed: None) -> tuple[LoadedModel, StreamingModel | None]:
+    """The model, streamed when asked or when an output is written (see `prune`); `fits(streamed)`
+    is called before anything heavy is loaded."""
     if isinstance(model, LoadedModel):
         if stream:
             raise SeftcError("an already loaded model cannot be streamed; pass its path")
@@ -150,10 +153,12 @@ def _open_model(model: str | os.PathLike | LoadedModel, output: str | os.PathLik
     if (output is not None if stream is None else stream) and ref.kind != "gguf":
         try:
             streaming = StreamingModel(ref, dtype, trust_remote_code)
+            fits(True)
             return LoadedModel(streaming.model, load_tokenizer(ref.folder, trust_remote_code), ref), streaming
         except NotStreamable:
             if stream:
                 raise
+    fits(False)
     return load_model(ref, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle), None
 
 
@@ -170,6 +175,7 @@ def prune(
     layer_sparsity: dict[str, float] | None = None,
     stream: bool | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_memory: int | str | None = None,
     device: str | None = None,
     **overrides: Any,
 ) -> PruneResult:
@@ -182,7 +188,8 @@ def prune(
     streamed (`stream=None` decides so; True insists, False loads it whole): a meta-device
     skeleton, the embeddings, then one decoder block at a time read from the checkpoint, pruned,
     written to `output` (shards of at most `max_shard_size`) and freed. A GGUF file, or a
-    checkpoint whose keys need renaming, is loaded whole. `device`: where blocks compute (default: CUDA when available;
+    checkpoint whose keys need renaming, is loaded whole. `max_memory` refuses, before any weight is
+    read, a run whose planned peak (`seftc.plan`) exceeds it. `device`: where blocks compute (default: CUDA when available;
     for a loaded model, where it is)."""
     cfg = make_config(**{**(config.model_dump() if config else {}), **overrides})
     start = time.perf_counter()
@@ -191,7 +198,20 @@ def prune(
         dev = str(next(model.model.parameters()).device)
     else:
         dev = resolve_device(device)
-    loaded, streaming = _open_model(model, output, force, stream, dtype, trust_remote_code, allow_pickle)
+    if max_memory is not None:
+        parse_size(max_memory, "--max-memory")
+
+    def fits(streamed: bool) -> None:
+        if max_memory is None or isinstance(model, LoadedModel):
+            return
+        from seftc.plan import check_fits, model_shape, plan_prune
+
+        shape, kind = model_shape(model, dtype, trust_remote_code)
+        check_fits(plan_prune(shape, cfg.method, nsamples=cfg.calib.nsamples, seqlen=cfg.calib.seqlen, batch_size=cfg.batch_size,
+                              sparsity=cfg.target_sparsity, nm=cfg.parsed_pattern.is_nm, streamed=streamed, gguf=kind == "gguf"),
+                   max_memory)
+
+    loaded, streaming = _open_model(model, output, force, stream, dtype, trust_remote_code, allow_pickle, fits)
     if streaming is None and str(next(loaded.model.parameters()).device) != dev:
         loaded.model.to(dev)
 

@@ -1,0 +1,44 @@
+"""`seftc plan MODEL`: the peak memory each command will need, from the config alone."""
+from __future__ import annotations
+
+import click
+
+from seftc.cli.common import print_json, stdout, user_errors
+
+
+@click.command("plan")
+@click.argument("model")
+@click.option("--method", default=None, help="One prune method (magnitude, wanda, sparsegpt) or repair method (seft, static, lora-merge, ...); default: the usual ones.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Repair/eval batch (default 4), prune calibration batch (default: all samples).")
+@click.option("--seqlen", type=click.IntRange(1), default=None, help="Tokens per sequence (default 512 for prune/eval, 256 for repair).")
+@click.option("--nsamples", type=click.IntRange(1), default=128, show_default=True, help="Prune calibration samples.")
+@click.option("--nproc", type=click.IntRange(1), default=1, show_default=True, help="Ranks under torchrun (repair, per rank).")
+@click.option("--fsdp", is_flag=True, help="Repair with the base, delta and optimizer state sharded over the ranks.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--trust-remote-code", is_flag=True, help="Accept a config that names its own code (plan never runs it).")
+@user_errors
+def plan(model: str, method: str | None, batch_size: int | None, seqlen: int | None, nsamples: int, nproc: int, fsdp: bool,
+         dtype: str, as_json: bool, trust_remote_code: bool) -> None:
+    """Estimate, per command, the peak memory MODEL needs (weights, gradients, optimizer state, SEFT slots, activations)."""
+    from dataclasses import asdict
+
+    from seftc.plan import model_shape, plan_all
+    from seftc.sizes import format_size
+
+    shape, kind = model_shape(model, dtype, trust_remote_code)
+    plans = plan_all(shape, method=method, batch_size=batch_size, seqlen=seqlen, nsamples=nsamples, nproc=nproc, fsdp=fsdp,
+                     gguf=kind == "gguf")
+    if as_json:
+        print_json({"model": model, "shape": asdict(shape), "nproc": nproc, "fsdp": fsdp, "plans": [p.to_json() for p in plans]})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"seftc plan {model} · {shape.model_type} · {shape.params / 1e9:.3g} B params · {shape.dtype}"
+                    + (f" · per rank of {nproc}{' (FSDP)' if fsdp else ''}" if nproc > 1 else ""))
+    for col in ("command", "peak", "terms"):
+        t.add_column(col, justify="right" if col == "peak" else "left")
+    for p in plans:
+        terms = ", ".join(f"{k} {format_size(v)}" for k, v in p.terms.items() if v)
+        t.add_row(p.command + (f" {p.method}" if p.method else ""), format_size(p.total), terms + ("".join(f" [{n}]" for n in p.notes)))
+    stdout.print(t)

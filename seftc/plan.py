@@ -1,0 +1,250 @@
+"""`seftc plan`: the peak memory each command will need, from the model's config alone.
+
+The model is built on the meta device (no weights read) to count its parameters: outside the
+decoder blocks (embeddings, final norm, untied LM head), per block, and in the target linear
+layers. Each command's peak is then a sum of named terms: the weights it holds at once, gradients,
+optimizer state, SEFT slots (28 bytes each), mask copies, the working set of the largest layer,
+activations, and the process itself (Python + torch + transformers). Terms are estimates of the
+peak resident set; the `bench-scale` benchmark prints them beside measured peaks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from seftc.errors import SeftcError
+from seftc.sizes import format_size, parse_size
+
+RUNTIME_BYTES = 380 * 2**20  # a seftc process with torch, transformers, a tokenizer and a built model class (measured on CPU)
+SEFT_SLOT_BYTES = 28  # delta, its gradient, two Adam moments (fp32) + int32 position and birth
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+REPAIR_METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    model_type: str
+    dtype: str
+    dtype_bytes: int
+    params: int
+    outside_params: int  # embeddings, final norm, position tables, untied LM head
+    block_params: int  # the largest decoder block
+    blocks: int
+    target_params: int  # the linear layers inside the blocks
+    block_target_params: int  # of the largest block
+    block_targets: int  # linear layers per block
+    max_target_numel: int
+    max_in_features: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+
+
+def shape_of(model: Any) -> ModelShape:
+    """Count a (meta-device) model."""
+    import torch.nn as nn
+
+    from seftc.models.targets import find_blocks, find_targets
+
+    cfg = model.config
+    stack, blocks = find_blocks(model)
+    unique = {id(p): p for p in model.parameters()}
+    params = sum(p.numel() for p in unique.values())
+    per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    targets = find_targets(model)
+    by_block: dict[int, list[int]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t.module.weight.numel())
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    linears = [m for m in blocks[0].modules() if isinstance(m, nn.Linear)]
+    hidden = int(getattr(cfg, "hidden_size", 0) or max(m.in_features for m in linears))
+    intermediate = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "ffn_dim", 0) or max(m.out_features for m in linears))
+    return ModelShape(
+        model_type=cfg.model_type, dtype=str(dtype).replace("torch.", ""), dtype_bytes=dtype.itemsize, params=params,
+        outside_params=params - sum(per_block), block_params=max(per_block), blocks=len(blocks),
+        target_params=sum(t.module.weight.numel() for t in targets), block_target_params=max(sum(v) for v in by_block.values()),
+        block_targets=max(len(v) for v in by_block.values()), max_target_numel=max(t.module.weight.numel() for t in targets),
+        max_in_features=max(t.module.in_features for t in targets), hidden=hidden, intermediate=intermediate,
+        vocab=int(getattr(cfg, "vocab_size", 0)), heads=int(getattr(cfg, "num_attention_heads", 1)),
+    )
+
+
+def model_shape(spec: str | os.PathLike, dtype: str = "auto", trust_remote_code: bool = False) -> tuple[ModelShape, str]:
+    """The shape of MODEL, and its kind ('folder', 'safetensors', 'gguf', 'default'), without reading weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from seftc.models.loading import _torch_dtype, resolve_model
+
+    ref = resolve_model(spec, trust_remote_code=trust_remote_code)
+    try:
+        if ref.kind == "gguf":
+            config = AutoConfig.from_pretrained(str(ref.path.parent), gguf_file=ref.path.name)
+        else:
+            config = AutoConfig.from_pretrained(str(ref.folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise SeftcError(f"cannot read the config of {ref.spec}: {str(e).splitlines()[0][:200]}") from None
+    fallback = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    torch_dtype = _torch_dtype(dtype, fallback if ref.kind != "gguf" else None)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return shape_of(model), ref.kind
+
+
+@dataclass
+class Plan:
+    command: str
+    method: str | None
+    terms: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    per_rank: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+    def line(self) -> str:
+        parts = " + ".join(f"{k} {format_size(v)}" for k, v in self.terms.items() if v)
+        return f"{self.command}{' ' + self.method if self.method else ''}: {format_size(self.total)} ({parts})"
+
+
+def _layer_work(s: ModelShape, method: str, sparsity: float, nm: bool) -> int:
+    """Transient bytes while one layer's mask is chosen and applied (the largest layer)."""
+    n, d = s.max_target_numel, s.dtype_bytes
+    dropped = 0.5 if nm else sparsity
+    select = 4 + 12 * dropped + 1  # fp32 scores, top-k values + int64 indices, bool mask
+    if method == "sparsegpt":
+        return int(n * (3 * 4 + 1 + 2 * d) + 5 * s.max_in_features**2 * 4)  # fp32 copies of W; H, its damped copy, Cholesky, inverse
+    return int(n * (select + 2 * d))  # + the pruned weight and its zeros
+
+
+def _block_activations(s: ModelShape, tokens: int, chunk_tokens: int, seqlen: int) -> int:
+    """Calibration activations: every sample's input and output of the current block, plus one
+    chunk's transients inside the block (attention, MLP, the fp32 statistics input)."""
+    d = s.dtype_bytes
+    kept = 2 * tokens * s.hidden * d
+    inside = chunk_tokens * (4 * s.hidden * d + 3 * s.intermediate * d + 2 * max(s.hidden, s.intermediate) * 4)
+    scores = (chunk_tokens // max(seqlen, 1)) * s.heads * seqlen * seqlen * 4 * 2
+    return kept + inside + scores
+
+
+def plan_prune(s: ModelShape, method: str = "wanda", *, nsamples: int = 128, seqlen: int = 512, batch_size: int | None = None,
+               sparsity: float = 0.5, nm: bool = False, streamed: bool = True, gguf: bool = False) -> Plan:
+    p = Plan("prune", method)
+    d = s.dtype_bytes
+    p.terms["runtime"] = RUNTIME_BYTES
+    if streamed and not gguf:
+        p.terms["weights (outside blocks)"] = s.outside_params * d
+        p.terms["weights (one block)"] = s.block_params * d
+        p.notes.append("streamed: one decoder block in memory at a time")
+    else:
+        p.terms["weights"] = s.params * d
+        if gguf:
+            p.terms["GGUF dequantization"] = s.params * 4
+            p.notes.append("a GGUF file is dequantized whole by transformers, then rebuilt")
+    p.terms["layer working set"] = _layer_work(s, method, sparsity, nm)
+    if method == "sparsegpt" and batch_size:
+        p.terms["statistics (block Hessians)"] = s.block_targets * s.max_in_features**2 * 4
+    if method != "magnitude":
+        tokens = nsamples * seqlen
+        p.terms["activations"] = _block_activations(s, tokens, (batch_size or nsamples) * seqlen, seqlen)
+    return p
+
+
+def _training_activations(s: ModelShape, batch: int, seqlen: int, checkpointing: bool) -> int:
+    d = s.dtype_bytes
+    tokens = batch * seqlen
+    per_layer = tokens * (18 * s.hidden + 4 * s.intermediate) * d  # what autograd keeps for backward (SDPA attention)
+    logits = tokens * s.vocab * 4 * 3  # fp32 logits, log-softmax and its gradient
+    if checkpointing:
+        return s.blocks * tokens * s.hidden * d + per_layer + logits
+    return s.blocks * per_layer + logits
+
+
+def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seqlen: int = 256, density: float = 0.02,
+                lora_r: int = 8, grad_checkpointing: bool = False, nproc: int = 1, fsdp: bool = False) -> Plan:
+    if method not in REPAIR_METHODS:
+        raise SeftcError(f"unknown repair method {method!r}; choose one of {', '.join(REPAIR_METHODS)}")
+    p = Plan("repair", method, per_rank=nproc > 1)
+    d = s.dtype_bytes
+    shard = nproc if fsdp else 1
+    p.terms["runtime"] = RUNTIME_BYTES
+    p.terms["weights"] = s.params * d // shard + (s.block_params * d if fsdp else 0)
+    if method.startswith("seft"):
+        p.terms["masks"] = 2 * s.target_params  # two bool copies (the layer's and the topology's)
+        p.terms["SEFT slots"] = int(density * s.target_params) * SEFT_SLOT_BYTES // shard
+        p.terms["dense gradient (one layer)"] = s.max_target_numel * 4 * 3
+    elif method == "static":
+        p.terms["masks"] = s.target_params
+        p.terms["gradients"] = s.target_params * d // shard
+        p.terms["optimizer state"] = s.target_params * 8 // shard
+        if d < 4:
+            p.terms["fp32 master weights"] = s.target_params * 4 // shard
+    else:  # LoRA: r × (in + out) per target layer
+        lora = lora_r * s.blocks * s.block_targets * 2 * s.hidden  # approximation: in + out ≈ 2 × hidden
+        p.terms["adapters + grads + optimizer"] = lora * 4 * 4 // shard
+        if method == "masked-lora":
+            p.terms["masks"] = s.target_params
+        if method in ("lora-merge", "masked-lora"):
+            p.terms["merge (one layer)"] = s.max_target_numel * (4 + d)
+    p.terms["activations"] = _training_activations(s, max(1, batch_size // nproc), seqlen, grad_checkpointing)
+    if nproc > 1:
+        p.notes.append(f"per rank, {nproc} ranks ({'FSDP2 shards weights, gradients and optimizer state' if fsdp else 'each a full replica'})")
+    return p
+
+
+def plan_eval(s: ModelShape, *, batch_size: int = 4, seqlen: int = 512) -> Plan:
+    p = Plan("eval", None)
+    d = s.dtype_bytes
+    tokens = batch_size * seqlen
+    p.terms["runtime"] = RUNTIME_BYTES
+    p.terms["weights"] = s.params * d
+    p.terms["activations"] = tokens * (6 * s.hidden + 3 * s.intermediate) * d + tokens * s.vocab * 4 * 3
+    return p
+
+
+def plan_pack(s: ModelShape) -> Plan:
+    p = Plan("pack", None)
+    p.terms["runtime"] = RUNTIME_BYTES
+    biggest = max(s.max_target_numel, s.vocab * s.hidden)
+    p.terms["one tensor and its encodings"] = biggest * (2 * s.dtype_bytes + 10)
+    return p
+
+
+def plan_bench(s: ModelShape, *, batch: int = 16, prompt_tokens: int = 64, sparsity: float = 0.5) -> Plan:
+    p = Plan("bench", None)
+    d = s.dtype_bytes
+    p.terms["runtime"] = RUNTIME_BYTES
+    p.terms["dense weights"] = s.params * d
+    p.terms["sparse weights"] = (s.params - s.target_params) * d + int(s.target_params * ((1 - sparsity) * d + 1 / 8))
+    tokens = batch * prompt_tokens
+    p.terms["activations + KV cache"] = tokens * (6 * s.hidden + 3 * s.intermediate) * d + tokens * s.vocab * 4 + 2 * s.blocks * tokens * s.hidden * d
+    return p
+
+
+def plan_all(s: ModelShape, *, method: str | None = None, batch_size: int | None = None, seqlen: int | None = None,
+             nsamples: int = 128, nproc: int = 1, fsdp: bool = False, gguf: bool = False) -> list[Plan]:
+    if method is not None and method not in PRUNE_METHODS + REPAIR_METHODS:
+        raise SeftcError(f"unknown method {method!r}; choose a prune method ({', '.join(PRUNE_METHODS)}) or a repair method ({', '.join(REPAIR_METHODS)})")
+    prune_methods = [method] if method in PRUNE_METHODS else (["wanda", "sparsegpt"] if method is None else [])
+    repair_methods = [method] if method in REPAIR_METHODS else (["seft", "static", "lora-merge"] if method is None else [])
+    plans = [plan_prune(s, m, nsamples=nsamples, seqlen=seqlen or 512, batch_size=batch_size, gguf=gguf) for m in prune_methods]
+    plans += [plan_repair(s, m, batch_size=batch_size or 4, seqlen=seqlen or 256, nproc=nproc, fsdp=fsdp) for m in repair_methods]
+    plans += [plan_pack(s), plan_eval(s, batch_size=batch_size or 4, seqlen=seqlen or 512), plan_bench(s)]
+    return plans
+
+
+def check_fits(plan: Plan, max_memory: int | str) -> None:
+    """Refuse (SeftcError) a run whose planned peak exceeds `max_memory`."""
+    limit = parse_size(max_memory, "--max-memory")
+    if plan.total > limit:
+        biggest = sorted(plan.terms.items(), key=lambda kv: -kv[1])[:3]
+        raise SeftcError(
+            f"{plan.command} would need about {format_size(plan.total)} (" + ", ".join(f"{k} {format_size(v)}" for k, v in biggest)
+            + f"), more than --max-memory {format_size(limit)}; lower --nsamples/--seqlen/--batch-size, or see `seftc plan`"
+        )
