@@ -278,8 +278,10 @@ def test_plan_is_near_the_measured_peak_of_a_streamed_prune(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     args = ["prune", str(tmp_path / "m"), "-o", str(tmp_path / "o"), "--nsamples", "8", "--seqlen", "128", "--calib", str(TEXT)]
-    code = ("import resource, sys\nfrom seftc.cli.main import main\nsys.argv = ['seftc'] + sys.argv[1:]\ntry:\n    main()\n"
-            "except SystemExit as e:\n    assert not e.code, e.code\nprint('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    # VmHWM is the child's own peak (ru_maxrss would carry the forking parent's over exec)
+    code = ("import sys\nfrom seftc.cli.main import main\nsys.argv = ['seftc'] + sys.argv[1:]\ntry:\n    main()\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('PEAK', next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     peak = int(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("PEAK")))
     plan = {(p["command"], p["method"]): p for p in json.loads(_run("plan", str(tmp_path / "m"), "--json", "--nsamples", "8",
