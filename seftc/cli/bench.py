@@ -21,8 +21,8 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.argument("model")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch", "batch", default="1,4,16", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Dtype of the sparse values and of the dense baseline.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Dtype of the sparse values and of the dense baseline (auto: the checkpoint's).")
 @click.option("--prompt-tokens", type=click.IntRange(1), default=64, show_default=True, help="Prompt length N for prefill.")
 @click.option("--new-tokens", type=click.IntRange(1), default=16, show_default=True, help="Generated tokens M timed per decode repeat.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)

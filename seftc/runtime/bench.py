@@ -335,7 +335,7 @@ def run_bench(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str
         torch.set_num_threads(threads_before)
 
 
-def bench_model(model: str, *, device: str = "cpu", dtype: str = "float32", batches: Sequence[int] = (1, 4, 16),
+def bench_model(model: str, *, device: str = "cpu", dtype: str = "auto", batches: Sequence[int] = (1, 4, 16),
                 repeats: int = 5, trust_remote_code: bool = False, **options: Any) -> BenchResult:
     """`seftc.bench`: load MODEL (pruned or packed folder) dense and sparse, and time both in one run
     (code MODEL's config names runs only with `trust_remote_code`)."""

@@ -154,7 +154,17 @@ def _is_packed(folder) -> bool:
     return isinstance(config, dict) and ("compression_config" in config or "quantization_config" in config or bool(seftc_markers(config)))
 
 
-def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = True, need_sparse: bool = True,
+def shared_twin(model: nn.Module) -> nn.Module:
+    """A second copy of `model`'s module tree that shares every parameter and buffer with it (no
+    weight is copied): replacing a module in the twin (`sparsify_model`) leaves `model` as it
+    was, and moving or casting either moves both (parameters are converted in place)."""
+    import copy
+
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo=shared)
+
+
+def load_runtime_pair(spec: str, dtype: str = "auto", *, need_dense: bool = True, need_sparse: bool = True,
                       require_sparse: bool = True, min_sparsity: float = MIN_SPARSITY,
                       trust_remote_code: bool = False) -> RuntimePair:
     """Load MODEL (a pruned folder or a packed folder) as a dense model and a sparse-runtime model
@@ -163,7 +173,6 @@ def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = T
     With `require_sparse` (the default) a model with no layer sparse enough is an error; without it,
     such a model comes back unconverted as `sparse` (dense, `conversion.converted` empty). Code a
     checkpoint names runs only with `trust_remote_code`."""
-    import copy
     from pathlib import Path
 
     from seftc.errors import SeftcError
@@ -171,7 +180,7 @@ def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = T
 
     if not (need_dense or need_sparse):
         raise ValueError("load_runtime_pair: ask for the dense model, the sparse one, or both")
-    torch_dtype = _torch_dtype(dtype, torch.float32)
+    torch_dtype = None if dtype == "auto" else _torch_dtype(dtype, torch.float32)  # auto: the checkpoint's dtype
     path = Path(str(spec)).expanduser()
     conversion = ConversionResult()
     if path.is_dir() and _is_packed(path):
@@ -188,8 +197,8 @@ def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = T
             raise SeftcError(f"cannot load packed folder {path}: {str(e).splitlines()[0][:200]}") from None
         if sparse is not None:
             conversion = sparsify_model(sparse, targets=[], min_sparsity=min_sparsity)
-            sparse = sparse.to(torch_dtype)
-        dense = dense.to(torch_dtype) if dense is not None else None
+            sparse = sparse.to(torch_dtype) if torch_dtype is not None else sparse
+        dense = dense.to(torch_dtype) if dense is not None and torch_dtype is not None else dense
         source = "packed"
         tokenizer = _tokenizer(path, trust_remote_code)
     else:
@@ -200,7 +209,7 @@ def load_runtime_pair(spec: str, dtype: str = "float32", *, need_dense: bool = T
         dense = loaded.model if need_dense else None
         sparse = None
         if need_sparse:
-            sparse = copy.deepcopy(loaded.model) if need_dense else loaded.model
+            sparse = shared_twin(loaded.model) if need_dense else loaded.model
             conversion = sparsify_model(sparse, min_sparsity=min_sparsity)
         source = "pruned"
         tokenizer = loaded.tokenizer
