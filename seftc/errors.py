@@ -38,4 +38,5 @@ def validated(model_cls, where: str, prefix: str = "", labels: dict[str, str] | 
         path = ".".join([where, *loc])
         if labels and loc and loc[0] in labels:
             raise SeftcError(f"{labels[loc[0]]}: {validation_message(err)}") from None
-        raise SeftcError(f"{prefix}{path}: {validation_message(err)}") from None
+        shown = "" if err["type"] in ("extra_forbidden", "value_error", "assertion_error") else f", got {repr(err['input'])[:60]}"
+        raise SeftcError(f"{prefix}{path}: {validation_message(err)}{shown}") from None

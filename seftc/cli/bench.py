@@ -3,39 +3,30 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import note_checksums, print_json, stderr, stdout, user_errors
+from seftc.cli.common import Checked, CountList, note_checksums, print_json, stderr, stdout, user_errors
+from seftc.config_types import Count, NonNegativeCount, Threads
 from seftc.errors import SeftcError
-
-
-def _batches(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SeftcError(f"--batch {text!r}: give comma-separated positive integers, e.g. 1,4,16") from None
-    if not values or any(v < 1 for v in values):
-        raise SeftcError(f"--batch {text!r}: give comma-separated positive integers, e.g. 1,4,16")
-    return values
 
 
 @click.command("bench")
 @click.argument("model")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch", "batch", default="1,4,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--batch", "batch", type=CountList(), default="1,4,16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Dtype of the sparse values and of the dense baseline (auto: the checkpoint's).")
-@click.option("--prompt-tokens", type=click.IntRange(1), default=64, show_default=True, help="Prompt length N for prefill.")
-@click.option("--new-tokens", type=click.IntRange(1), default=16, show_default=True, help="Generated tokens M timed per decode repeat.")
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True)
-@click.option("--layers", "max_layers", type=click.IntRange(0), default=7, show_default=True,
+@click.option("--prompt-tokens", type=Checked(Count), default=64, show_default=True, help="Prompt length N for prefill.")
+@click.option("--new-tokens", type=Checked(Count), default=16, show_default=True, help="Generated tokens M timed per decode repeat.")
+@click.option("--repeats", type=Checked(Count), default=5, show_default=True)
+@click.option("--warmup", type=Checked(NonNegativeCount), default=2, show_default=True)
+@click.option("--layers", "max_layers", type=Checked(NonNegativeCount), default=7, show_default=True,
               help="Time the kernels of the first N sparse layers alone (0: skip; see --all-layers).")
 @click.option("--all-layers", is_flag=True, help="Time every sparse layer's kernel.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: torch's).")
+@click.option("--threads", type=Checked(Threads), default=None, help="CPU threads (default: torch's).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of the speedups.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
 @user_errors
-def bench(model: str, device: str, batch: str, dtype: str, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int,
+def bench(model: str, device: str, batch: tuple[int, ...], dtype: str, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int,
           max_layers: int, all_layers: bool, threads: int | None, plot: str | None, as_json: bool, trust_remote_code: bool) -> None:
     """Time MODEL (a pruned or packed folder) dense and on the sparse runtime: per-layer kernels,
     prefill of N tokens, decode per token, memory; speedup = dense / sparse, same run."""
@@ -44,7 +35,7 @@ def bench(model: str, device: str, batch: str, dtype: str, prompt_tokens: int, n
     from seftc.runtime.bench import BenchConfig, run_bench
     from seftc.runtime.convert import load_runtime_pair
 
-    batches = _batches(batch)
+    batches = batch
     if device == "cuda" and not torch.cuda.is_available():
         raise SeftcError("--device cuda: no CUDA device is visible; use --device cpu")
     pair = load_runtime_pair(model, dtype, trust_remote_code=trust_remote_code)

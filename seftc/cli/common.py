@@ -50,6 +50,40 @@ def note_checksums(status: str) -> None:
         click.echo(f"note: {FOREIGN_NOTE}", err=True)
 
 
+class Checked(click.ParamType):
+    """An option type for options without a config model: validated by one of the constrained
+    types in seftc.config_types (those the typed configs use), so limits live in one place.
+    `type=Checked(Count)`."""
+
+    def __init__(self, kind: Any):
+        self.kind = kind
+        self.name = "integer" if kind.__origin__ is int else "number"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from seftc.config_types import check
+
+        try:
+            return check(self.kind, value, "value")
+        except ValueError as e:
+            self.fail(str(e).removeprefix("value: "), param, ctx)
+
+
+class CountList(click.ParamType):
+    """Comma-separated positive integers ("1,4,16"), each a `Count`."""
+
+    name = "counts"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
+        from seftc.config_types import parse_counts
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_counts(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 

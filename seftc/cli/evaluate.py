@@ -5,17 +5,18 @@ from typing import Any
 
 import click
 
-from seftc.cli.common import device_option, max_memory_option, print_json, progress_bars, stdout, user_errors
+from seftc.cli.common import Checked, device_option, max_memory_option, print_json, progress_bars, stdout, user_errors
+from seftc.config_types import Count, SeqLen
 
 
 @click.command("eval")
 @click.argument("model")
 @click.option("--ppl", "ppl_source", metavar="PATH", help="Text for perplexity: a .txt, a folder of .txt, a .jsonl, or shakespeare:test / lambada / ... (default shakespeare:test when --tasks is not given).")
 @click.option("--tasks", metavar="A,B,...", help="Comma-separated zero-shot tasks: boolq,piqa,siqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu.")
-@click.option("--limit", type=int, help="Items per task (the first N of its eval part), and windows for --ppl.")
-@click.option("--seqlen", type=int, default=512, show_default=True, help="Perplexity window length in tokens (capped to the model's maximum).")
-@click.option("--stride", type=int, help="Sliding-window stride for perplexity (default: seqlen, non-overlapping windows).")
-@click.option("--batch-size", type=int, help="Sequences per forward pass (default 4 for perplexity, 16 for tasks).")
+@click.option("--limit", type=Checked(Count), help="Items per task (the first N of its eval part), and windows for --ppl.")
+@click.option("--seqlen", type=Checked(SeqLen), default=512, show_default=True, help="Perplexity window length in tokens (capped to the model's maximum).")
+@click.option("--stride", type=Checked(Count), help="Sliding-window stride for perplexity (default: seqlen, non-overlapping windows).")
+@click.option("--batch-size", type=Checked(Count), help="Sequences per forward pass (default 4 for perplexity, 16 for tasks).")
 @click.option("--norm", type=click.Choice(["bytes", "tokens", "none"]), default="bytes", show_default=True,
               help="Length normalisation of choice log-likelihoods: per UTF-8 byte (lm-eval acc_norm style), per token, or none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -31,9 +32,6 @@ def evaluate(model: str, ppl_source: str | None, tasks: str | None, limit: int |
     from seftc.data.tasks import check_task_names
     from seftc.errors import SeftcError
 
-    for name, value, low in (("--limit", limit, 1), ("--seqlen", seqlen, 2), ("--stride", stride, 1), ("--batch-size", batch_size, 1)):
-        if value is not None and value < low:
-            raise SeftcError(f"{name} must be at least {low}, got {value}")
     task_names = check_task_names(tasks.split(",")) if tasks is not None else []
     if ppl_source is None and not task_names:
         ppl_source = DEFAULT_PPL

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import print_json, progress_bars, stderr, user_errors
+from seftc.cli.common import Checked, print_json, progress_bars, stderr, user_errors
+from seftc.config_types import Count, PositiveFloat
 
 
 @click.command("export")
@@ -15,9 +16,9 @@ from seftc.cli.common import print_json, progress_bars, stderr, user_errors
 @click.option("--sparse-initializers/--dense-initializers", default=True, show_default=True,
               help="Store pruned weights as ONNX sparse initializers where that is smaller.")
 @click.option("--strict-onnx", is_flag=True, help="int64 sparse indices, which the ONNX checker requires (larger files; onnxruntime also takes the default int32).")
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--opset", type=Checked(Count), default=17, show_default=True)
 @click.option("--check/--no-check", default=True, show_default=True, help="Compare onnxruntime's logits with PyTorch on fixed prompts.")
-@click.option("--tolerance", type=float, default=1e-3, show_default=True, help="Largest max-abs logit error allowed, relative to the largest logit.")
+@click.option("--tolerance", type=Checked(PositiveFloat), default=1e-3, show_default=True, help="Largest max-abs logit error allowed, relative to the largest logit.")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt for the check (repeatable; default: three fixed sentences).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")

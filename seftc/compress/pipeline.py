@@ -156,9 +156,10 @@ def compress(
         bcfg = recipe.bench.model_dump()
         if _available("seftc.runtime.bench"):
             def do_bench(tmp: Path) -> dict[str, Any]:
+                from seftc.config_types import parse_counts
                 from seftc.runtime.bench import bench_model
 
-                batches = [int(b) for b in str(bcfg["batch"]).split(",") if b]
+                batches = list(parse_counts(bcfg["batch"]))
                 result = bench_model(models[final], device=bcfg["device"], batches=batches, repeats=bcfg["repeats"],
                                      trust_remote_code=recipe.model.trust_remote_code)
                 return {"summary": _plain(result)}

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from seftc.config_types import Count, NonNegativeCount, SeqLen, Seed, Sparsity, parse_counts
 from seftc.errors import SeftcError, validated
 from seftc.repair.config import RepairConfig
 
@@ -31,12 +32,12 @@ class ModelStage(_Strict):
 
 class PruneStage(_Strict):
     method: str = "wanda"
-    sparsity: float | None = 0.5
+    sparsity: Sparsity | None = 0.5
     pattern: str = "unstructured"
     calib: str = "shakespeare:calib"
-    nsamples: int = Field(64, ge=1)
-    seqlen: int = Field(256, ge=8)
-    seed: int = 0
+    nsamples: Count = 64
+    seqlen: SeqLen = 256
+    seed: Seed = 0
     include: list[str] = ["*"]
     ignore: list[str] | None = None
     owl: bool = False
@@ -45,8 +46,8 @@ class PruneStage(_Strict):
 class RepairStage(RepairConfig):
     """`seftc repair`'s options (one definition: `RepairConfig`), with a shorter default run."""
 
-    steps: int = Field(40, ge=1)
-    eval_every: int = Field(10, ge=0)
+    steps: Count = 40
+    eval_every: NonNegativeCount = 10
 
 
 class PackStage(_Strict):
@@ -61,15 +62,20 @@ class ExportStage(_Strict):
 class BenchStage(_Strict):
     device: str = "cpu"
     batch: str = "1,4"
-    repeats: int = Field(5, ge=1)
+    repeats: Count = 5
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batches(cls, v: Any) -> str:
+        return ",".join(map(str, parse_counts(str(v))))
 
 
 class EvalStage(_Strict):
     ppl: str | None = "shakespeare:test"
     tasks: str | None = "piqa,arc_easy,hellaswag"
-    limit: int | None = Field(100, ge=1)
-    ppl_limit: int | None = Field(16, ge=1)
-    seqlen: int = Field(512, ge=8)
+    limit: Count | None = 100
+    ppl_limit: Count | None = 16
+    seqlen: SeqLen = 512
 
 
 class ServeStage(_Strict):

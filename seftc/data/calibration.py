@@ -5,7 +5,9 @@ import hashlib
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
+
+from seftc.config_types import Count, SeqLen, Seed
 
 from seftc.data.corpus import DEFAULT_CALIB, load_text
 from seftc.errors import SeftcError
@@ -16,9 +18,9 @@ class CalibConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = DEFAULT_CALIB
-    nsamples: int = Field(128, ge=1)
-    seqlen: int = Field(512, ge=8)
-    seed: int = 0
+    nsamples: Count = 128
+    seqlen: SeqLen = 512
+    seed: Seed = 0
 
 
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:

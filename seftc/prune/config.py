@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from seftc.config_types import Count, PositiveFloat, Sparsity
 from seftc.data.calibration import CalibConfig
 from seftc.errors import SeftcError, validated
 from seftc.models.targets import DEFAULT_IGNORE
@@ -14,17 +15,17 @@ class PruneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = "wanda"
-    sparsity: float | None = Field(None, description="fraction of target weights removed; implied by N:M patterns")
+    sparsity: Sparsity | None = Field(None, description="fraction of target weights removed; implied by N:M patterns")
     pattern: str = "unstructured"
     calib: CalibConfig = CalibConfig()
     include: list[str] = ["*"]
     ignore: list[str] = list(DEFAULT_IGNORE)
     owl: bool = False
-    owl_lambda: float = 0.08
-    owl_m: float = 5.0
-    batch_size: int | None = Field(None, ge=1, description="calibration batch; None = all samples at once (one pass)")
-    blocksize: int = Field(128, ge=1)
-    damp: float = Field(0.01, gt=0)
+    owl_lambda: Sparsity = Field(0.08, description="OWL: largest deviation of a block's sparsity from the mean, [0, 1)")
+    owl_m: PositiveFloat = 5.0
+    batch_size: Count | None = Field(None, description="calibration batch; None = all samples at once (one pass)")
+    blocksize: Count = 128
+    damp: PositiveFloat = 0.01
 
     @field_validator("method")
     @classmethod

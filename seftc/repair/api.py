@@ -21,6 +21,7 @@ import torch
 
 from seftc.data.calibration import CalibConfig
 from seftc.errors import SeftcError
+from seftc.eval.multiple_choice import max_length
 from seftc.models.loading import LoadedModel, load_model, resolve_model
 from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
 from seftc.models.saving import atomic_folder, check_output, save_model
@@ -166,6 +167,9 @@ def repair(
         loaded = load_model(ref)
     if loaded.tokenizer is None:
         raise SeftcError(f"{loaded.ref.spec} has no tokenizer; repair needs one to read its training text")
+    context = max_length(loaded.model, loaded.tokenizer)
+    if cfg.seqlen > context:  # capped at the model's context, as prune caps calibration samples
+        cfg = cfg.model_copy(update={"seqlen": context})
     if cfg.batch_size % (dist.world * cfg.grad_accum):
         raise SeftcError(f"batch size {cfg.batch_size} must be divisible by ranks × grad_accum = {dist.world * cfg.grad_accum}")
     source_manifest, targets, masks = _pruned_state(loaded, allow_dense)
@@ -218,7 +222,11 @@ def repair(
         reduce = dist.mean()
         loss_value = float(reduce(loss_sum) if reduce else loss_sum)
         lr = lr_at(step, cfg)
+        if not math.isfinite(loss_value):
+            raise SeftcError(f"training diverged at step {step + 1}: the loss is {loss_value}; lower --lr (now {lr:g}); nothing was saved")
         method.optimizer_step(lr)
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise SeftcError(f"training diverged at step {step + 1}: the weights are no longer finite; lower --lr (now {lr:g}); nothing was saved")
         before = {k: _eval_loss(model_, w, local_batch) for k, w in damage_sets.items()} if damage_sets and method.has_pending() else None
         info = method.after_step(step)
         history["train_loss"].append([step + 1, loss_value])

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
+from seftc.config_types import (Count, Fraction, NonNegativeCount, NonNegativeFloat, OpenFraction, PositiveFloat, PositiveFraction, SeqLen,
+                                Seed)
 from seftc.errors import SeftcError, validated
 
 METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
@@ -18,46 +20,46 @@ class RepairConfig(BaseModel):
     method: str = "seft"
     data: str = "shakespeare:train"
     eval_data: str = "shakespeare:valid"
-    steps: int = Field(140, ge=1)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    seqlen: int = Field(256, ge=8)
-    lr: float | None = Field(None, gt=0)
-    warmup: int = Field(10, ge=0)  # steps of linear warm-up (every method)
+    steps: Count = 140
+    batch_size: Count = 4
+    grad_accum: Count = 1
+    seqlen: SeqLen = 256
+    lr: PositiveFloat | None = None
+    warmup: NonNegativeCount = 10  # steps of linear warm-up (every method)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up (every method)
-    lr_min_ratio: float = Field(0.1, ge=0, le=1)  # cosine/linear decay ends at lr × this
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = 0
-    eval_every: int = Field(20, ge=0)
-    eval_windows: int = Field(8, ge=1)
-    checkpoint_every: int = Field(0, ge=0)
+    lr_min_ratio: Fraction = 0.1  # cosine/linear decay ends at lr × this
+    weight_decay: NonNegativeFloat = 0.0
+    seed: Seed = 0
+    eval_every: NonNegativeCount = 20
+    eval_windows: Count = 8
+    checkpoint_every: NonNegativeCount = 0
     grad_checkpointing: bool = False
     # SEFT
-    density: float = Field(0.02, gt=0, le=1)
-    update_interval: int = Field(20, ge=1)
-    accumulation: int = Field(5, ge=1)
-    zeta0: float = Field(0.2, ge=0, le=1)
-    protect: int = Field(2, ge=0)
-    candidates: float = Field(1.0, gt=0)
+    density: PositiveFraction = 0.02
+    update_interval: Count = 20
+    accumulation: Count = 5
+    zeta0: Fraction = 0.2
+    protect: NonNegativeCount = 2
+    candidates: PositiveFloat = 1.0
     init: Literal["random", "gradient"] = "random"
     reactivation: Literal["gain", "always"] = "gain"
     # SEFT v2 (issue 16): eviction/growth scores, caps on how much one update moves, the pull toward the base
     evict_score: Literal["last", "window", "fisher", "wanda", "magnitude", "random"] = "last"
-    evict_blend: float = Field(0.0, ge=0, le=1)  # weight of the pruning-time importance |W|·‖X‖ in the eviction cost
-    importance_windows: int = Field(8, ge=1)  # calibration windows for ‖X‖ (evict_score wanda or evict_blend > 0)
+    evict_blend: Fraction = 0.0  # weight of the pruning-time importance |W|·‖X‖ in the eviction cost
+    importance_windows: Count = 8  # calibration windows for ‖X‖ (evict_score wanda or evict_blend > 0)
     grow_candidates: Literal["first", "window"] = "first"  # candidates: top |g| of the window's first batch, or of its summed gradient
-    reactivation_cap: float | None = Field(None, gt=0, le=1)  # reactivations per update ≤ this × the layer's active count
-    row_cap: float | None = Field(None, gt=0, lt=1)  # evictions per output row and update ≤ floor(this × the row's active count)
-    reactivation_stop: float = Field(1.0, gt=0, le=1)  # no reactivation once this fraction of the steps is done
-    reactivation_margin: float = Field(1.0, gt=0)  # gain rule: reactivate only where gain > margin × eviction cost
-    evict_cooldown: int = Field(0, ge=0)  # positions evicted in the last N updates cannot be regrown (0 = off)
-    delta_decay: float = Field(0.0, ge=0)  # L2-SP pull: decoupled decay of δ and merged δ toward the pruned base
+    reactivation_cap: PositiveFraction | None = None  # reactivations per update ≤ this × the layer's active count
+    row_cap: OpenFraction | None = None  # evictions per output row and update ≤ floor(this × the row's active count)
+    reactivation_stop: PositiveFraction = 1.0  # no reactivation once this fraction of the steps is done
+    reactivation_margin: PositiveFloat = 1.0  # gain rule: reactivate only where gain > margin × eviction cost
+    evict_cooldown: NonNegativeCount = 0  # positions evicted in the last N updates cannot be regrown (0 = off)
+    delta_decay: NonNegativeFloat = 0.0  # L2-SP pull: decoupled decay of δ and merged δ toward the pruned base
     # eviction damage log: held-out loss just before and after each topology update (costs forward passes)
-    damage_windows: int = Field(0, ge=0)  # windows of eval_data (and ood_data) per measurement; 0 = off
+    damage_windows: NonNegativeCount = 0  # windows of eval_data (and ood_data) per measurement; 0 = off
     ood_data: str | None = None  # out-of-domain held-out text for the damage log
     # LoRA baselines
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = 16.0
+    lora_r: Count = 8
+    lora_alpha: PositiveFloat = 16.0
 
     @field_validator("method")
     @classmethod

@@ -28,7 +28,7 @@ class TokenWindows:
 
     def batch(self, step: int, size: int) -> torch.Tensor:
         """`size` windows at random offsets drawn from a generator seeded by (seed, step)."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**63)
         starts = torch.randint(0, self.ids.numel() - self.seqlen, (size,), generator=gen)
         return torch.stack([self.ids[s : s + self.seqlen] for s in starts.tolist()])
 

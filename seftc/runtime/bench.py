@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from seftc.errors import SeftcError
 from seftc.runtime.convert import model_nbytes, prepare_prefill, weight_bytes_per_token
 from seftc.runtime.engine import cache_kwarg
 from seftc.runtime.linear import SparseLinear
@@ -298,8 +299,14 @@ def bench_layers_in_model(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig,
 @torch.inference_mode()
 def run_bench(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str = "cpu") -> BenchResult:
     """Time `dense` against `sparse` (the same model on the sparse runtime) on `device`."""
+    from seftc.eval.multiple_choice import max_length
     from seftc.runtime import cpu, ops
 
+    context = max_length(dense)
+    if cfg.new_tokens >= context:
+        raise SeftcError(f"--new-tokens {cfg.new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
+    if cfg.prompt_tokens + cfg.new_tokens > context:  # capped at the model's context, as prune and eval cap --seqlen
+        cfg = replace(cfg, prompt_tokens=context - cfg.new_tokens)
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
