@@ -8,7 +8,6 @@ run repeats an uninterrupted one exactly), held-out loss every `eval_every` step
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -24,18 +23,15 @@ from seftc.errors import SeftcError
 from seftc.eval.multiple_choice import max_length
 from seftc.models.loading import LoadedModel, load_model, resolve_model
 from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
-from seftc.models.saving import atomic_folder, check_output, save_model
+from seftc.models.saving import check_output, save_model
 from seftc.models.targets import find_targets
 from seftc.prune.masks import mask_checksum, nm_holds, parse_pattern
 from seftc.progress import NO_PROGRESS, ProgressSink
-from seftc.repair import distributed
+from seftc.repair import checkpoint, distributed
 from seftc.repair.config import RepairConfig, make_repair_config
 from seftc.repair.data import TokenWindows
 from seftc.repair.importance import input_sq_norms
 from seftc.repair.methods import make_method
-
-CHECKPOINT_SUFFIX = ".checkpoint"
-
 
 @dataclass
 class RepairResult:
@@ -131,12 +127,6 @@ def _damage_windows(tokenizer, cfg: RepairConfig) -> dict[str, torch.Tensor]:
     return {k: TokenWindows.from_source(tokenizer, src, cfg.seqlen, cfg.seed).fixed(cfg.damage_windows) for k, src in sources.items()}
 
 
-def _ckpt_dir(output: Path | None, checkpoint_dir: str | os.PathLike | None) -> Path | None:
-    if checkpoint_dir is not None:
-        return Path(checkpoint_dir)
-    return None if output is None else output.with_name(output.name + CHECKPOINT_SUFFIX)
-
-
 def repair(
     model: str | os.PathLike | LoadedModel,
     config: RepairConfig | None = None,
@@ -158,13 +148,17 @@ def repair(
     start_time = time.perf_counter()
     dist = distributed.setup()
     out = Path(output) if output is not None else None
-    if isinstance(model, LoadedModel):
-        loaded = model
-    else:
-        ref = resolve_model(model)
-        if out is not None and dist.is_main:
-            check_output(out, force, (ref.path,))
-        loaded = load_model(ref)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint.default_dir(out) if out is not None else None
+    if resume and ckpt is None:
+        raise SeftcError("--resume needs an output (its checkpoint folder is OUT.checkpoint)")
+    ref = model.ref if isinstance(model, LoadedModel) else resolve_model(model)
+    if out is not None and dist.is_main and not isinstance(model, LoadedModel):
+        check_output(out, force, (ref.path,))
+    ckpts = None
+    if ckpt is not None:
+        checkpoint.check_paths(ckpt, (ref.path,), out)
+        ckpts = checkpoint.Checkpoints.open(ckpt, resume=resume, writing=bool(cfg.checkpoint_every) and dist.is_main, force=force)
+    loaded = model if isinstance(model, LoadedModel) else load_model(ref)
     if loaded.tokenizer is None:
         raise SeftcError(f"{loaded.ref.spec} has no tokenizer; repair needs one to read its training text")
     context = max_length(loaded.model, loaded.tokenizer)
@@ -173,6 +167,9 @@ def repair(
     if cfg.batch_size % (dist.world * cfg.grad_accum):
         raise SeftcError(f"batch size {cfg.batch_size} must be divisible by ranks × grad_accum = {dist.world * cfg.grad_accum}")
     source_manifest, targets, masks = _pruned_state(loaded, allow_dense)
+    if ckpts is not None and (resume or cfg.checkpoint_every):
+        input_masks = {rec.name: rec.mask_sha256 for rec in source_manifest.layers}
+        ckpts.bind(checkpoint.identity(input_masks, loaded.model, cfg.model_dump()))
     pattern = parse_pattern(source_manifest.pattern)
     train = TokenWindows.from_source(loaded.tokenizer, cfg.data, cfg.seqlen, cfg.seed)
     held_out = TokenWindows.from_source(loaded.tokenizer, cfg.eval_data, cfg.seqlen, cfg.seed).fixed(cfg.eval_windows)
@@ -189,12 +186,8 @@ def repair(
 
     history: dict[str, list] = {"train_loss": [], "eval_loss": [], "regrown": [], "lr": [], "updates": [], "update_damage": []}
     start = 0
-    ckpt = _ckpt_dir(out, checkpoint_dir)
     if resume:
-        latest = _latest_checkpoint(ckpt)
-        if latest is None:
-            raise SeftcError(f"--resume: no checkpoint at {ckpt}; run with --checkpoint-every N first")
-        start, loaded_history = _load_checkpoint(latest, cfg, method)
+        start, loaded_history = ckpts.restore(method, cfg.steps)
         history.update(loaded_history)
     elif method.needs_importance:  # on the pruned model, before any training (checkpointed with the state)
         method.set_importance(input_sq_norms(model_, loaded.tokenizer, {t.name: model_.get_submodule(t.name) for t in targets},
@@ -222,11 +215,15 @@ def repair(
         reduce = dist.mean()
         loss_value = float(reduce(loss_sum) if reduce else loss_sum)
         lr = lr_at(step, cfg)
-        if not math.isfinite(loss_value):
-            raise SeftcError(f"training diverged at step {step + 1}: the loss is {loss_value}; lower --lr (now {lr:g}); nothing was saved")
-        method.optimizer_step(lr)
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise SeftcError(f"training diverged at step {step + 1}: the weights are no longer finite; lower --lr (now {lr:g}); nothing was saved")
+        diverged = "the loss is " + str(loss_value) if not math.isfinite(loss_value) else None
+        if diverged is None:
+            method.optimizer_step(lr)
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                diverged = "the weights are no longer finite"
+        if diverged:
+            if ckpts is not None and not ckpts.resumed and dist.is_main:
+                ckpts.remove()  # this run's own checkpoints lead back here
+            raise SeftcError(f"training diverged at step {step + 1}: {diverged}; lower --lr (now {lr:g}); nothing was saved")
         before = {k: _eval_loss(model_, w, local_batch) for k, w in damage_sets.items()} if damage_sets and method.has_pending() else None
         info = method.after_step(step)
         history["train_loss"].append([step + 1, loss_value])
@@ -247,9 +244,9 @@ def repair(
             progress.status(step=step + 1, loss=loss_value, tokens_per_s=tokens_seen / (time.perf_counter() - t0), regrown=last_regrown,
                             **(damage or {}))
         advance(1)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and ckpt is not None:
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and ckpts is not None:
             if dist.is_main:
-                _save_checkpoint(ckpt, step + 1, cfg, method, history)
+                ckpts.save(step + 1, method.state_tensors(), history, method.meta())
             dist.barrier()
         if stop_after is not None and step + 1 >= stop_after:
             break
@@ -272,10 +269,8 @@ def repair(
     saved = None
     if out is not None and dist.is_main:
         saved = save_model(model_, loaded.tokenizer, out, {"seftc_manifest.json": manifest.to_json()}, masks=final_masks)
-        if ckpt is not None and ckpt.exists() and checkpoint_dir is None:
-            import shutil
-
-            shutil.rmtree(ckpt, ignore_errors=True)
+        if ckpts is not None and checkpoint_dir is None:
+            ckpts.remove()  # only if it carries this run's marker: never the input, never a user's folder
     dist.barrier()
     return RepairResult(loaded, manifest, history, saved, final_masks)
 
@@ -310,50 +305,9 @@ def _manifest(loaded, source: Manifest, cfg: RepairConfig, targets_names, masks,
     )
 
 
-def _save_checkpoint(ckpt: Path, step: int, cfg: RepairConfig, method, history) -> None:
-    """Write `ckpt/step-N/` atomically, then point `ckpt/latest` at it (an atomic file rename),
-    then drop older steps: a kill at any instant leaves a complete checkpoint behind."""
-    from safetensors.torch import save_file
-
-    ckpt.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    with atomic_folder(ckpt / name) as tmp:
-        save_file(method.state_tensors(), str(tmp / "state.safetensors"))
-        meta = {"step": step, "config": cfg.model_dump(), "history": history, "method": method.meta()}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-    pointer = ckpt / ".latest.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, ckpt / "latest")
-    for old in ckpt.glob("step-*"):
-        if old.name != name:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def interrupted_message(output: str | os.PathLike) -> str:
     """What an interrupted repair kept: its latest checkpoint, if --checkpoint-every wrote one."""
-    latest = _latest_checkpoint(_ckpt_dir(Path(output), None))
+    latest = checkpoint.latest_step(checkpoint.default_dir(Path(output)))
     if latest is None:
         return f"interrupted; nothing was written to {output} (pass --checkpoint-every N to keep resumable checkpoints)"
     return f"interrupted; {output} was not written, but checkpoint {latest} was kept: add --resume to continue from it"
-
-
-def _latest_checkpoint(ckpt: Path | None) -> Path | None:
-    if ckpt is None or not (ckpt / "latest").is_file():
-        return None
-    folder = ckpt / (ckpt / "latest").read_text().strip()
-    return folder if (folder / "meta.json").is_file() else None
-
-
-def _load_checkpoint(folder: Path, cfg: RepairConfig, method) -> tuple[int, dict]:
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / "meta.json").read_text())
-    saved = {k: v for k, v in meta["config"].items() if k != "checkpoint_every"}
-    now = {k: v for k, v in cfg.model_dump().items() if k != "checkpoint_every"}
-    if saved != now:
-        diff = sorted(k for k in now if saved.get(k) != now[k])
-        raise SeftcError(f"--resume: the checkpoint at {folder} was made with other options ({', '.join(diff)}); rerun with the same options")
-    method.load_state_tensors(load_file(str(folder / "state.safetensors")), meta["method"])
-    return meta["step"], meta["history"]

@@ -1,0 +1,271 @@
+"""Resumable repair checkpoints: `OUT.checkpoint/`, written and read without pickle.
+
+    OUT.checkpoint/
+      seftc_checkpoint.json   marker: format, the id of the run that owns the folder, and the
+                              identity a resume must match (input, config, code)
+      latest                  the name of the newest complete step folder
+      step-00000012/          state.safetensors (every tensor of the method), meta.json (step,
+                              loss history, the method's small state)
+
+Only a folder carrying the marker is ever written into or removed, and only by the run named in
+it (a resumed run adopts that id); anything else at that path is refused, never deleted. A resume
+refuses, with one line naming what differs, a checkpoint made from another input (mask checksums,
+weights), with other options, or by other code; a damaged checkpoint is one line, not a traceback.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from seftc.errors import SeftcError
+from seftc.models.saving import atomic_folder
+
+SUFFIX = ".checkpoint"
+MARKER = "seftc_checkpoint.json"
+FORMAT = "seftc-repair-checkpoint/1"
+_STEP = re.compile(r"step-\d+")
+# options that may change between a run and its resume without changing its result
+RESUMABLE_CHANGES = ("checkpoint_every",)
+
+
+class Identity(BaseModel):
+    """What a resumed run must share with the run that wrote the checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_masks: dict[str, str]  # layer -> mask checksum, from the input's manifest
+    input_weights: str  # sha256 over the input model's tensors as loaded
+    config: dict[str, Any]  # the full repair config, less RESUMABLE_CHANGES
+    code: dict[str, str]  # seftc and torch versions, digest of seftc/repair's source
+
+
+class Marker(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["seftc-repair-checkpoint/1"]
+    run: str
+    identity: Identity
+
+
+class History(BaseModel):
+    """What training logged: [step, value] pairs, and per topology update a record."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_loss: list[tuple[int, float]]
+    eval_loss: list[tuple[int, float]]
+    regrown: list[tuple[int, int]]
+    lr: list[tuple[int, float]]
+    updates: list[dict[str, Any]] = []  # absent from checkpoints written before SEFT v2
+    update_damage: list[dict[str, Any]] = []
+
+
+class StepMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=1)
+    history: History
+    method: dict[str, Any]
+
+
+def default_dir(output: Path) -> Path:
+    return output.with_name(output.name + SUFFIX)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (the input's identity)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def code_version() -> dict[str, str]:
+    import seftc
+
+    source = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        source.update(f.name.encode() + b"\0" + f.read_bytes())
+    return {"seftc": seftc.__version__, "torch": torch.__version__, "repair_source": source.hexdigest()[:16]}
+
+
+def identity(input_masks: dict[str, str], model: torch.nn.Module, config: dict[str, Any]) -> Identity:
+    return Identity(input_masks=input_masks, input_weights=weights_digest(model),
+                    config={k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}, code=code_version())
+
+
+def _damaged(folder: Path, why: str) -> SeftcError:
+    return SeftcError(f"checkpoint {folder} is damaged ({why}); delete it or rerun without --resume")
+
+
+def _read_json(path: Path, kind: type[BaseModel], folder: Path) -> Any:
+    try:
+        return kind.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise _damaged(folder, f"{path.name} is missing") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"]))
+        raise _damaged(folder, f"{path.name}: {where + ': ' if where else ''}{err['msg']}") from None
+    except OSError as e:
+        raise _damaged(folder, f"{path.name}: {e.strerror or e}") from None
+
+
+def read_marker(folder: Path) -> Marker | None:
+    """The folder's marker; None when the folder does not carry one (not seftc's)."""
+    if not (folder / MARKER).is_file():
+        return None
+    return _read_json(folder / MARKER, Marker, folder)
+
+
+def _first_difference(saved: Identity, now: Identity) -> str | None:
+    if saved.input_masks != now.input_masks:
+        names = sorted(set(saved.input_masks) | set(now.input_masks))
+        name = next(n for n in names if saved.input_masks.get(n) != now.input_masks.get(n))
+        return f"was made from a different input (mask checksum of {name} differs)"
+    if saved.input_weights != now.input_weights:
+        return "was made from a different input (its weights differ)"
+    if saved.config != now.config:
+        keys = sorted(set(saved.config) | set(now.config))
+        diff = [f"{k} {saved.config.get(k)!r} → {now.config.get(k)!r}" for k in keys if saved.config.get(k) != now.config.get(k)]
+        return f"was made with other options ({', '.join(diff)})"
+    if saved.code != now.code:
+        diff = [f"{k} {saved.code.get(k)} → {now.code.get(k)}" for k in sorted(now.code) if saved.code.get(k) != now.code.get(k)]
+        return f"was made by other code ({', '.join(diff)})"
+    return None
+
+
+def check_paths(ckpt: Path, inputs: tuple[Path, ...], output: Path | None) -> None:
+    """Refuse, before any work, an input or output that is (or holds, or lies in) the checkpoint folder."""
+    c = ckpt.expanduser().resolve()
+    for p in (*inputs, *([output] if output is not None else [])):
+        r = Path(p).expanduser().resolve()
+        if r == c or c in r.parents or r in c.parents:
+            role = "output" if output is not None and p == output else "input"
+            raise SeftcError(f"the {role} {p} collides with the repair checkpoint folder {ckpt}; choose another -o")
+    if output is not None and (Path(output) / MARKER).exists():
+        raise SeftcError(f"the output {output} is a repair checkpoint folder; choose another -o")
+
+
+class Checkpoints:
+    """The checkpoint folder of one run. `open` decides, before any work, what may happen to the
+    folder; `bind` gives it the run's identity (and, on resume, checks the folder's against it)."""
+
+    def __init__(self, folder: Path, marker: Marker | None, resume: bool):
+        self.folder, self.resumed = folder, resume
+        self.run = marker.run if resume and marker is not None else uuid.uuid4().hex
+        self._marker = marker
+        self.identity: Identity | None = None
+
+    @classmethod
+    def open(cls, folder: Path, *, resume: bool, writing: bool, force: bool) -> "Checkpoints":
+        if not (resume or writing):
+            return cls(folder, None, False)  # the folder is never touched
+        marker = read_marker(folder) if folder.exists() else None
+        if folder.exists() and marker is None:
+            raise SeftcError(f"{folder} exists but was not written by seftc repair; move it away or choose another -o")
+        if resume and marker is None:
+            raise SeftcError(f"--resume: no checkpoint at {folder}; run with --checkpoint-every N first")
+        if not resume and writing and marker is not None and not force:
+            raise SeftcError(f"{folder} holds a checkpoint of an earlier run; pass --resume to continue it, or --force to replace it")
+        return cls(folder, marker, resume)
+
+    def bind(self, ident: Identity) -> None:
+        if self.resumed:
+            why = _first_difference(self._marker.identity, ident)
+            if why:
+                raise SeftcError(f"checkpoint {self.folder} {why}; rerun without --resume")
+        self.identity = ident
+
+    def owned(self) -> bool:
+        """The folder carries this run's marker (so this run may write into it or remove it)."""
+        try:
+            marker = read_marker(self.folder)
+        except SeftcError:
+            return False
+        return marker is not None and marker.run == self.run
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], history: dict, method_meta: dict) -> None:
+        """Write `step-N/` atomically, then point `latest` at it (an atomic rename), then drop older
+        steps: a kill at any instant leaves a complete checkpoint behind."""
+        from safetensors.torch import save_file
+
+        if not self.owned():
+            if self.folder.exists():
+                if read_marker(self.folder) is None:  # appeared since the run started: not ours to touch
+                    raise SeftcError(f"{self.folder} exists but was not written by seftc repair; move it away or choose another -o")
+                shutil.rmtree(self.folder)  # an earlier run's checkpoint, replaced under --force
+            self.folder.mkdir(parents=True)
+            marker = Marker(format=FORMAT, run=self.run, identity=self.identity)
+            _write_atomic(self.folder / MARKER, marker.model_dump_json(indent=1))
+        name = f"step-{step:08d}"
+        with atomic_folder(self.folder / name) as tmp:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "history": history, "method": method_meta}))
+        _write_atomic(self.folder / "latest", name)
+        for old in self.folder.glob("step-*"):
+            if old.name != name and _STEP.fullmatch(old.name):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, method: Any, total_steps: int) -> tuple[int, dict[str, list]]:
+        """Load the newest complete step into `method`; returns (step, history). The tensors are
+        checked against the method's own (every name it has, with its shape and dtype) first."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        step_dir = latest_step(self.folder)
+        if step_dir is None:
+            if (self.folder / "latest").exists():
+                raise _damaged(self.folder, "latest does not name a step folder in it")
+            raise SeftcError(f"--resume: {self.folder} holds no complete step yet; rerun without --resume")
+        meta = _read_json(step_dir / "meta.json", StepMeta, self.folder)
+        if meta.step >= total_steps:
+            raise _damaged(self.folder, f"step {meta.step} is not before the last step {total_steps}")
+        try:
+            tensors = load_file(str(step_dir / "state.safetensors"))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise _damaged(self.folder, f"state.safetensors: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        for key, t in method.state_tensors().items():
+            got = tensors.get(key)
+            if got is None:
+                raise _damaged(self.folder, f"tensor {key} is missing")
+            if got.shape != t.shape or got.dtype != t.dtype:
+                raise _damaged(self.folder, f"tensor {key} is {got.dtype} {list(got.shape)}, expected {t.dtype} {list(t.shape)}")
+        try:
+            method.load_state_tensors(tensors, meta.method)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise _damaged(self.folder, f"the method's state does not fit: {type(e).__name__}: {str(e)[:120]}") from None
+        history = meta.history.model_dump()
+        return meta.step, {k: [x if isinstance(x, dict) else list(x) for x in v] for k, v in history.items()}
+
+    def remove(self) -> None:
+        """Remove the folder if (and only if) it carries this run's marker."""
+        if self.owned():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def latest_step(folder: Path) -> Path | None:
+    """The newest complete step folder that `latest` names, or None (never raises)."""
+    try:
+        name = (folder / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    step = folder / name
+    return step if _STEP.fullmatch(name) and (step / "meta.json").is_file() else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
