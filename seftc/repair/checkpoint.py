@@ -166,6 +166,7 @@ class Checkpoints:
         self.folder, self.resumed = folder, resume
         self.run = marker.run if resume and marker is not None else uuid.uuid4().hex
         self._marker = marker
+        self._replaces = marker.run if marker is not None and not resume else None  # an earlier run's, under --force
         self.identity: Identity | None = None
 
     @classmethod
@@ -203,12 +204,13 @@ class Checkpoints:
 
         if not self.owned():
             if self.folder.exists():
-                if read_marker(self.folder) is None:  # appeared since the run started: not ours to touch
-                    raise SeftcError(f"{self.folder} exists but was not written by seftc repair; move it away or choose another -o")
-                shutil.rmtree(self.folder)  # an earlier run's checkpoint, replaced under --force
-            self.folder.mkdir(parents=True)
-            marker = Marker(format=FORMAT, run=self.run, identity=self.identity)
-            _write_atomic(self.folder / MARKER, marker.model_dump_json(indent=1))
+                marker = read_marker(self.folder)
+                if marker is None or marker.run != self._replaces:  # appeared since the run started: not ours
+                    raise SeftcError(f"{self.folder} was created by another process during this run; nothing was removed")
+                shutil.rmtree(self.folder)  # the earlier run's checkpoint that --force replaces
+            with atomic_folder(self.folder) as tmp:  # the folder appears with its marker, never without
+                marker = Marker(format=FORMAT, run=self.run, identity=self.identity)
+                (tmp / MARKER).write_text(marker.model_dump_json(indent=1), encoding="utf-8")
         name = f"step-{step:08d}"
         with atomic_folder(self.folder / name) as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
