@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import print_json, stdout, user_errors
+from seftc.cli.common import Checked, print_json, stdout, user_errors
+from seftc.config_types import Count
 
 
 @click.command("plan")
 @click.argument("model")
 @click.option("--method", default=None, help="One prune method (magnitude, wanda, sparsegpt) or repair method (seft, static, lora-merge, ...); default: the usual ones.")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Repair/eval batch (default 4), prune calibration batch (default: all samples).")
-@click.option("--seqlen", type=click.IntRange(1), default=None, help="Tokens per sequence (default 512 for prune/eval, 256 for repair).")
-@click.option("--nsamples", type=click.IntRange(1), default=128, show_default=True, help="Prune calibration samples.")
-@click.option("--nproc", type=click.IntRange(1), default=1, show_default=True, help="Ranks under torchrun (repair, per rank).")
+@click.option("--batch-size", type=Checked(Count), default=None, help="Repair/eval batch (default 4), prune calibration batch (default: all samples).")
+@click.option("--seqlen", type=Checked(Count), default=None, help="Tokens per sequence (default 512 for prune/eval, 256 for repair).")
+@click.option("--nsamples", type=Checked(Count), default=128, show_default=True, help="Prune calibration samples.")
+@click.option("--nproc", type=Checked(Count), default=1, show_default=True, help="Ranks under torchrun (repair, per rank).")
 @click.option("--fsdp", is_flag=True, help="Repair with the base, delta and optimizer state sharded over the ranks.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

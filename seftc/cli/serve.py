@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import note_checksums, stderr, user_errors
+from seftc.cli.common import Checked, note_checksums, stderr, user_errors
+from seftc.config_types import Count, NonNegativeCount, NonNegativeFloat, Threads
 from seftc.errors import SeftcError
 
 
@@ -13,21 +14,21 @@ from seftc.errors import SeftcError
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--max-batch", type=click.IntRange(1), default=16, show_default=True,
+@click.option("--max-batch", type=Checked(Count), default=16, show_default=True,
               help="Sequences decoded together; more wait in the queue.")
-@click.option("--max-queue", "max_waiting", type=click.IntRange(0), default=64, show_default=True,
+@click.option("--max-queue", "max_waiting", type=Checked(NonNegativeCount), default=64, show_default=True,
               help="Requests waiting beyond the free batch slots; above it the server answers 429.")
-@click.option("--max-prefill-tokens", type=click.IntRange(1), default=256, show_default=True,
+@click.option("--max-prefill-tokens", type=Checked(Count), default=256, show_default=True,
               help="Prompt tokens admitted per engine step (one prompt always); more wait a step, so running "
                    "streams keep flowing while a burst of prompts is prefilled.")
-@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+@click.option("--max-tokens", type=Checked(Count), default=1024, show_default=True,
               help="Most new tokens one request may ask for (above it: 400).")
 @click.option("--api-key", default=None, envvar="SEFTC_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on /v1 requests.")
 @click.option("--model-name", default=None, help="The model id clients send (default: the folder's name).")
 @click.option("--dense", is_flag=True, help="Serve the dense model instead of the sparse runtime (for comparison).")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: torch's).")
-@click.option("--drain-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
+@click.option("--threads", type=Checked(Threads), default=None, help="CPU threads (default: torch's).")
+@click.option("--drain-timeout", type=Checked(NonNegativeFloat), default=60.0, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")

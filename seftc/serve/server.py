@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field
 
+from seftc.config_types import Count, NonNegativeCount, NonNegativeFloat, Threads
 from seftc.errors import SeftcError
 from seftc.serve.app import AppSettings, create_app
 
@@ -29,15 +30,15 @@ class ServeConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_batch: int = Field(16, ge=1)
-    max_waiting: int = Field(64, ge=0)  # queued beyond the free batch slots; above it: 429
-    max_prefill_tokens: int = Field(256, ge=1)  # prompt tokens admitted per engine step
-    max_tokens: int = Field(1024, ge=1)  # per request
+    max_batch: Count = 16
+    max_waiting: NonNegativeCount = 64  # queued beyond the free batch slots; above it: 429
+    max_prefill_tokens: Count = 256  # prompt tokens admitted per engine step
+    max_tokens: Count = 1024  # per request
     api_key: str | None = None
     model_name: str | None = None  # the id clients send; default: the folder's name
     dense: bool = False
-    threads: int | None = Field(None, ge=1)
-    drain_timeout: float = Field(60.0, ge=0)
+    threads: Threads | None = None
+    drain_timeout: NonNegativeFloat = 60.0
     access_log: bool = False
     trust_remote_code: bool = False
 
