@@ -4,6 +4,38 @@ Library code raises :class:`SeftcError` (or a subclass) for every problem with t
 the CLI prints its message on one line and exits with status 2. Anything else is a bug and keeps
 its traceback.
 """
+from __future__ import annotations
+
+import errno
+import re
+
+
+def printable(text: object) -> str:
+    """`text` with undecodable bytes (surrogate escapes from non-UTF-8 paths) shown as \\xNN."""
+    s = text.decode("utf-8", "surrogateescape") if isinstance(text, bytes) else str(text)
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The errno behind `e`: an OSError's, or the one safetensors (Rust) writes into its message
+    ("... (os error 28)"); None for anything else."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def no_space(e: BaseException) -> str | None:
+    """When `e` means the disk is full (ENOSPC, a file size limit EFBIG, a quota EDQUOT): what to
+    add after "no space left on the device of PATH"; None otherwise."""
+    code = os_errno(e)
+    if code == errno.ENOSPC:
+        return ""
+    if code == errno.EFBIG:
+        return " (file size limit reached)"
+    if code == errno.EDQUOT:
+        return " (disk quota exceeded)"
+    return None
 
 
 class SeftcError(Exception):

@@ -36,6 +36,8 @@ def bench(model: str, device: str, batch: tuple[int, ...], dtype: str, prompt_to
     from seftc.runtime.convert import load_runtime_pair
 
     batches = batch
+    if plot:
+        check_plot_path(plot)
     if device == "cuda" and not torch.cuda.is_available():
         raise SeftcError("--device cuda: no CUDA device is visible; use --device cpu")
     pair = load_runtime_pair(model, dtype, trust_remote_code=trust_remote_code)
@@ -132,3 +134,16 @@ def summarize_layers(layers) -> dict[str, dict[str, float]]:
 def _ratio(x: float) -> str:
     color = "green" if x >= 1.0 else "red"
     return f"[{color}]{x:.2f}×[/{color}]"
+
+
+def check_plot_path(path: str) -> None:
+    """Before any timing: the --plot file can be written, in a format matplotlib knows."""
+    from matplotlib.figure import Figure
+
+    from seftc.models.saving import check_output_file
+
+    target = check_output_file(path, "--plot")
+    suffix = target.suffix.lower().lstrip(".")
+    supported = Figure().canvas.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        raise SeftcError(f"--plot {path}: matplotlib cannot write .{suffix} files; use one of {', '.join('.' + k for k in sorted(supported))}")

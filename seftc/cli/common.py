@@ -1,8 +1,10 @@
 """What every subcommand shares: error conduct, JSON output, progress bars."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import re
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -11,7 +13,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from seftc.errors import SeftcError
+from seftc.errors import SeftcError, no_space, os_errno, printable
 
 # Piped or redirected, rich would cut tables and lines at 80 columns; a log gets the full width instead.
 _UNBOUNDED = 100_000
@@ -21,12 +23,61 @@ stdout = Console() if sys.stdout.isatty() else Console(width=_UNBOUNDED)
 
 def fail(message: str) -> "NoReturn":  # type: ignore[name-defined]
     """One clear line on stderr, exit status 2, no traceback."""
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(message)}", err=True)
     sys.exit(2)
 
 
+_OS_ERRORS = {
+    errno.EACCES: "permission denied: {where}; check its permissions",
+    errno.EPERM: "operation not permitted: {where}; check its permissions",
+    errno.EROFS: "{where} is on a read-only file system; write somewhere else",
+    errno.ENAMETOOLONG: "file name too long: {where}; choose a shorter name",
+    errno.ENOENT: "no such file or folder: {where}",
+    errno.ENOTDIR: "not a folder: {where}",
+    errno.EISDIR: "{where} is a folder where a file was expected",
+    errno.ELOOP: "too many levels of symbolic links: {where}",
+    errno.EMFILE: "too many open files ({where}); raise the limit (ulimit -n)",
+    errno.EIO: "input/output error on {where}; check the disk",
+    errno.ENOMEM: "out of memory ({where})",
+}
+_ALLOC = re.compile(r"(?:can't allocate memory|Tried to allocate|tried to allocate)[^0-9]*([0-9.]+) ?(bytes|[KMGT]iB)?", re.I)
+
+
+def os_error_message(e: BaseException) -> str | None:
+    """One line for an OSError the user can fix (full disk, permissions, read-only, long names...),
+    or None. Also reads the errno that safetensors (Rust) puts in its messages."""
+    code = os_errno(e)
+    if code is None:
+        return None
+    where = getattr(e, "filename", None)
+    where = printable(where) if where is not None else "the output"
+    space = no_space(e)
+    if space is not None:
+        return f"no space left on the device of {where}{space}; free some space or write somewhere else (nothing was kept)"
+    template = _OS_ERRORS.get(code)
+    return template.format(where=where) if template else None
+
+
+def memory_error_message(e: BaseException) -> str | None:
+    """One line for running out of memory (Python's MemoryError, torch's allocator errors), with
+    the size asked for when the message has it; None for anything else."""
+    text = str(e)
+    gpu = type(e).__name__ == "OutOfMemoryError"
+    if not (isinstance(e, MemoryError) or gpu or "DefaultCPUAllocator" in text or "out of memory" in text.lower()):
+        return None
+    m = _ALLOC.search(text)
+    size = ""
+    if m:
+        value = float(m.group(1)) * {None: 1, "bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[m.group(2)]
+        size = f" allocating {value / 2**30:.2f} GiB"
+    where = "GPU memory" if gpu else "memory"
+    return (f"out of {where}{size}; use smaller settings (batch, samples, sequence length) or a machine with more {where}, "
+            "and check that the input's sizes are what you expect")
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn a SeftcError (and a few well-understood OS errors) into `fail`."""
+    """Turn a SeftcError, running out of memory, and OS errors the user can fix (full disk,
+    permissions, read-only folders, long names) into `fail`: one line, exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -36,8 +87,11 @@ def user_errors(fn: Callable) -> Callable:
             fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted; nothing was written")
-        except MemoryError:
-            fail("out of memory; lower --nsamples/--seqlen or use a machine with more RAM")
+        except Exception as e:
+            message = memory_error_message(e) or os_error_message(e)
+            if message is None:
+                raise
+            fail(message)
 
     return wrapper
 

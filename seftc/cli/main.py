@@ -30,6 +30,7 @@ class LazyGroup(click.Group):
 
     def main(self, *args, **kwargs):  # type: ignore[override]
         args_list = list(args[0]) if args and args[0] is not None else sys.argv[1:]
+        _check_utf8(args_list)
         if not any(a in ("-h", "--help", "--version") for a in args_list) and args_list:
             _quiet_transformers()
         kwargs["standalone_mode"] = False
@@ -73,6 +74,20 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="seftc")
 def cli() -> None:
     """seftc: prune, repair (SEFT), pack, export and serve sparse LLMs."""
+
+
+def _check_utf8(args: list[str]) -> None:
+    """Refuse arguments that are not valid UTF-8 (seftc's file formats and libraries need UTF-8
+    paths and text) before any work: one line, exit 2."""
+    from seftc.errors import printable
+
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            click.echo(f"error: argument {printable(arg)!r} is not valid UTF-8; seftc needs UTF-8 file names and text "
+                       "(rename the file)", err=True)
+            sys.exit(2)
 
 
 def _quiet_transformers() -> None:

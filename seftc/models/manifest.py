@@ -7,6 +7,7 @@ writers do not lose data through older readers.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,10 +68,16 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: Path) -> "Manifest | None":
+        from seftc.models.files import read_side_file
+
         path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
-        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+        try:
+            text = read_side_file(path, Path(folder)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise SeftcError(f"{path} is not a valid seftc manifest (not UTF-8)") from None
+        return cls.from_json(text, str(path))
 
 
 def tool_versions() -> dict[str, str]:

@@ -15,7 +15,7 @@ from seftc.device import resolve_device
 from seftc.formats.shards import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
 from seftc.models.loading import LoadedModel, load_model, load_tokenizer, resolve_model
 from seftc.models.manifest import MANIFEST_NAME, LayerRecord, Manifest, MaskWriter, tool_versions
-from seftc.models.saving import atomic_folder, check_output, save_model, write_config
+from seftc.models.saving import atomic_folder, check_output, save_model, write_config, writes_outputs
 from seftc.models.streaming import NotStreamable, StreamingModel
 from seftc.models.targets import Target, find_blocks, find_targets
 from seftc.prune import owl
@@ -162,6 +162,7 @@ def _open_model(model: str | os.PathLike | LoadedModel, output: str | os.PathLik
     return load_model(ref, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle), None
 
 
+@writes_outputs
 def prune(
     model: str | os.PathLike | LoadedModel = "default",
     config: PruneConfig | None = None,

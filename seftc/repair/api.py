@@ -23,7 +23,7 @@ from seftc.errors import SeftcError
 from seftc.eval.multiple_choice import max_length
 from seftc.models.loading import LoadedModel, load_model, resolve_model
 from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
-from seftc.models.saving import check_output, save_model
+from seftc.models.saving import check_output, save_model, writes_outputs
 from seftc.models.targets import find_targets
 from seftc.prune.masks import mask_checksum, nm_holds, parse_pattern
 from seftc.progress import NO_PROGRESS, ProgressSink
@@ -127,6 +127,7 @@ def _damage_windows(tokenizer, cfg: RepairConfig) -> dict[str, torch.Tensor]:
     return {k: TokenWindows.from_source(tokenizer, src, cfg.seqlen, cfg.seed).fixed(cfg.damage_windows) for k, src in sources.items()}
 
 
+@writes_outputs
 def repair(
     model: str | os.PathLike | LoadedModel,
     config: RepairConfig | None = None,

@@ -139,17 +139,19 @@ class RuntimePair:
 
 
 def _is_packed(folder) -> bool:
-    import json
+    import os
     from pathlib import Path
 
+    from seftc.errors import SeftcError
+    from seftc.models.files import read_json
     from seftc.formats.packing import seftc_markers
 
     folder = Path(folder)
-    if (folder / "seftc_pack.json").is_file():
+    if os.path.lexists(folder / "seftc_pack.json"):
         return True
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(folder / "config.json", folder)
+    except SeftcError:
         return False
     return isinstance(config, dict) and ("compression_config" in config or "quantization_config" in config or bool(seftc_markers(config)))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,47 @@ def build_dir() -> Path:
     return cache_dir() / "kernels"
 
 
+BUILD_LOCK = ".seftc-build.lock"
+TORCH_BATON = "lock"  # torch.utils.cpp_extension's FileBaton: a plain file, left behind by a killed build
+
+
+def _say(message: str) -> None:
+    print(f"seftc: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder`'s build lock (seftc.locking: it dies with its holder) around torch's extension
+    loader. torch guards the folder with a plain `lock` file that a killed build leaves behind and
+    every later load waits on forever; with our lock held no other seftc build runs there, so such
+    a file is stale and is removed. Says on stderr when it waits for another process's build and
+    when it starts a first-use build."""
+    from seftc import locking
+
+    folder.mkdir(parents=True, exist_ok=True)
+    held = locking.wait_lock(folder / BUILD_LOCK, lambda pid: _say(f"waiting for another process's {what} build (pid {pid}) to finish…"))
+    try:
+        baton = folder / TORCH_BATON
+        if os.path.lexists(baton):
+            baton.unlink()
+            _say(f"removed a stale build lock left by an interrupted {what} build ({baton})")
+        if not any(folder.glob("*.so")):
+            _say(f"building the {what} (first use; this takes a minute or two)…")
+        yield
+    finally:
+        held.release()
+
+
+def extension_folder() -> tuple[str, list[str], Path]:
+    """The extension's name, its source paths, and its build folder (keyed by sources + torch)."""
+    import torch
+
+    src = source_dir()
+    paths = [str(src / s) for s in SOURCES]
+    digest = hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths) + torch.__version__.encode()).hexdigest()[:12]
+    return f"seftc_cpu_{digest}", paths, build_dir() / f"sparse_linear_{digest}"
+
+
 _state: dict[str, object] = {}
 
 
@@ -44,13 +86,10 @@ def load() -> bool:
         import torch
         from torch.utils.cpp_extension import load as load_ext
 
-        src = source_dir()
-        paths = [str(src / s) for s in SOURCES]
-        digest = hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths) + torch.__version__.encode()).hexdigest()[:12]
-        folder = build_dir() / f"sparse_linear_{digest}"
-        folder.mkdir(parents=True, exist_ok=True)
-        load_ext(name=f"seftc_cpu_{digest}", sources=paths, build_directory=str(folder), is_python_module=False,
-                 extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"], verbose=False)
+        name, paths, folder = extension_folder()
+        with build_lock(folder, "CPU sparse kernels"):
+            load_ext(name=name, sources=paths, build_directory=str(folder), is_python_module=False,
+                     extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"], verbose=False)
         forced = os.environ.get("SEFTC_ISA")
         if forced:
             if forced not in ISA_LEVELS:

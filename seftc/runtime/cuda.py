@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from seftc.runtime import cpu
+
 SOURCES = ("binding.cpp", "bitmask_spmv.cu")
 # Keep in sync with kernels/cuda/Makefile (GENCODE).
 GENCODE = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
@@ -42,8 +44,6 @@ def source_dir() -> Path:
 
 
 def build_dir() -> Path:
-    from seftc.runtime import cpu
-
     return cpu.build_dir()
 
 
@@ -85,9 +85,9 @@ def load() -> bool:
         key = b"".join(Path(p).read_bytes() for p in paths) + torch.__version__.encode() + str(torch.version.cuda).encode()
         digest = hashlib.sha256(key + " ".join(GENCODE).encode()).hexdigest()[:12]
         folder = build_dir() / f"cuda_spmv_{digest}"
-        folder.mkdir(parents=True, exist_ok=True)
-        load_ext(name=f"seftc_cuda_{digest}", sources=paths, build_directory=str(folder), is_python_module=False,
-                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *GENCODE], verbose=False)
+        with cpu.build_lock(folder, "CUDA sparse kernel"):
+            load_ext(name=f"seftc_cuda_{digest}", sources=paths, build_directory=str(folder), is_python_module=False,
+                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *GENCODE], verbose=False)
         _state["loaded"] = hasattr(torch.ops.seftc_cuda, "bitmask_spmv")
         if not _state["loaded"]:
             raise RuntimeError("the extension loaded but registered no seftc_cuda::bitmask_spmv")
