@@ -50,6 +50,32 @@ def is_alive(pid: int, start: int) -> bool:
     return now is not None and (now == start or now == 0 or start == 0)
 
 
+def openers(path: Path) -> list[int] | None:
+    """The pids of processes that have `path` open (Linux: /proc/PID/fd), None where that cannot
+    be told. Processes of other users are not visible; they are not seftc runs of this user."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    target = os.path.realpath(path)
+    found = []
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    if os.readlink(fd.path) == target:
+                        found.append(int(entry.name))
+                        break
+                except OSError:
+                    continue
+    return found
+
+
 class HeldLock:
     """An acquired lock; `release()` (or garbage collection, or process exit) gives it up."""
 

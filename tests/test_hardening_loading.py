@@ -356,6 +356,32 @@ def test_a_build_lock_holder_killed_with_sigkill_frees_the_next_build(tmp_path):
         holder.kill()
 
 
+def test_a_live_torch_build_lock_is_waited_for_not_removed(tmp_path):
+    """A build by a process without seftc's lock (an older seftc) holds torch's baton open: the
+    next load waits for it instead of removing it under the running build."""
+    cache = _kernel_cache(tmp_path)
+    baton = next((cache / "kernels").iterdir()) / "lock"
+    holder_code = ("import os, sys\n"
+                   f"fd = os.open({str(baton)!r}, os.O_CREAT | os.O_EXCL)\n"
+                   "print('holding', flush=True)\n"
+                   "sys.stdin.readline()\n"
+                   f"os.close(fd); os.remove({str(baton)!r})\n")
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        waiter = subprocess.Popen([sys.executable, "-c", LOAD], env={**os.environ, "SEFTC_CACHE": str(cache)},
+                                  stderr=subprocess.PIPE, text=True)
+        line = waiter.stderr.readline()
+        assert f"pid {holder.pid}, torch's lock" in line, line
+        assert baton.exists()
+        holder.communicate("go\n", timeout=60)
+        _, rest = waiter.communicate(timeout=600)
+        assert waiter.returncode == 0, rest
+        assert "removed a stale build lock" not in rest
+    finally:
+        holder.kill()
+
+
 # ---- item 10: OS-level failures ---------------------------------------------------------------
 
 def test_non_utf8_paths_are_one_line(tiny_dir, tmp_path):

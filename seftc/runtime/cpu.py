@@ -46,9 +46,9 @@ def _say(message: str) -> None:
 def build_lock(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder`'s build lock (seftc.locking: it dies with its holder) around torch's extension
     loader. torch guards the folder with a plain `lock` file that a killed build leaves behind and
-    every later load waits on forever; with our lock held no other seftc build runs there, so such
-    a file is stale and is removed. Says on stderr when it waits for another process's build and
-    when it starts a first-use build."""
+    every later load waits on forever. torch keeps that file open while it builds, so with our lock
+    held a `lock` that no process has open is stale and is removed. Says on stderr when it waits for
+    another process's build and when it starts a first-use build."""
     from seftc import locking
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,8 +56,14 @@ def build_lock(folder: Path, what: str) -> Iterator[None]:
     try:
         baton = folder / TORCH_BATON
         if os.path.lexists(baton):
-            baton.unlink()
-            _say(f"removed a stale build lock left by an interrupted {what} build ({baton})")
+            # torch keeps its baton open while it builds: one nobody has open was left by a killed
+            # build (a process without our lock, e.g. an older seftc, may still hold a live one)
+            users = locking.openers(baton)
+            if users:
+                _say(f"waiting for another process's {what} build (pid {users[0]}, torch's lock {baton}) to finish…")
+            else:
+                baton.unlink()
+                _say(f"removed a stale build lock left by an interrupted {what} build ({baton})")
         if not any(folder.glob("*.so")):
             _say(f"building the {what} (first use; this takes a minute or two)…")
         yield
