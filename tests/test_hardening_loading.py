@@ -127,6 +127,25 @@ def test_single_safetensors_file_refuses_missing_and_unexpected_keys(tiny_dir, t
     assert all((loaded.model.state_dict()[k] == v).all() for k, v in state.items())
 
 
+def test_sharded_folder_loads_and_a_shard_missing_a_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import build_tiny_model, tiny_tokenizer
+    from seftc.models.loading import load_model
+
+    m = tmp_path / "sharded"
+    build_tiny_model().save_pretrained(m, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(m)
+    index = json.loads((m / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    load_model(m)
+    key, shard = "lm_head.weight", index["weight_map"]["lm_head.weight"]
+    state = load_file(str(m / shard))
+    state.pop(key)
+    save_file(state, str(m / shard), metadata={"format": "pt"})
+    one_error_line(run("inspect", m), "does not match its config (llama): 1 weights missing from the file (lm_head.weight)")
+
+
 def test_untied_lm_head_may_not_be_missing_but_a_tied_one_may(tmp_path):
     """The tied output embedding is the only weight allowed to be absent, and only when tied."""
     import torch
