@@ -143,8 +143,8 @@ def _is_packed(folder) -> bool:
     from pathlib import Path
 
     from seftc.errors import SeftcError
-    from seftc.models.files import read_json
     from seftc.formats.packing import seftc_markers
+    from seftc.models.files import read_json
 
     folder = Path(folder)
     if os.path.lexists(folder / "seftc_pack.json"):
