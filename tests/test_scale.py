@@ -343,3 +343,19 @@ def test_device_choice(tiny_dir, tmp_path, monkeypatch):
         res = _run(*args, ok=False)
         assert res.exit_code == 2 and "no CUDA device" in res.output, res.output
     assert not (tmp_path / "c").exists()
+
+
+def test_repair_writes_sharded_output(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = _save(tmp_path / "m")
+    prune(str(src), method="wanda", sparsity=0.5, calib=CALIB, output=tmp_path / "p")
+    r = _run("repair", str(tmp_path / "p"), "-o", str(tmp_path / "r"), "--steps", "2", "--seqlen", "32", "--batch-size", "2",
+             "--data", str(TEXT), "--eval-data", str(TEXT), "--max-shard-size", "50KB", "--json")
+    index = json.loads((tmp_path / "r" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "r"))
+    rec = json.loads(r.output)["layers"][0]
+    assert int(torch.count_nonzero(model.state_dict()[rec["name"] + ".weight"])) == rec["nonzero"]
+    bad = _run("repair", str(tmp_path / "p"), "-o", str(tmp_path / "r2"), "--max-shard-size", "big", ok=False)
+    assert bad.exit_code == 2 and "--max-shard-size" in bad.output and not (tmp_path / "r2").exists()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from seftc.cli.common import max_memory_option, print_json, progress_bars, stderr, user_errors
+from seftc.cli.common import max_memory_option, max_shard_size_option, print_json, progress_bars, stderr, user_errors
 
 
 @click.command("repair")
@@ -52,11 +52,13 @@ from seftc.cli.common import max_memory_option, print_json, progress_bars, stder
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
 @max_memory_option
+@max_shard_size_option
 @user_errors
 def repair(model: str, output: str, method: str, data: str, eval_data: str, steps: int, seqlen: int, batch_size: int,
            grad_accum: int, lr: float | None, seed: int, density: float, update_interval: int, accumulation: int, zeta0: float,
            protect: int, init: str, reactivation: str, lora_r: int, eval_every: int, grad_checkpointing: bool, checkpoint_every: int,
-           resume: bool, force: bool, as_json: bool, max_memory: str | None, **v2: object) -> None:
+           resume: bool, force: bool, as_json: bool, max_memory: str | None, max_shard_size: str,
+           **v2: object) -> None:
     """Repair a pruned MODEL (written by `seftc prune`) while keeping its sparsity."""
     from seftc.errors import SeftcError
     from seftc.repair.api import interrupted_message, repair as run_repair
@@ -77,7 +79,7 @@ def repair(model: str, output: str, method: str, data: str, eval_data: str, step
                                grad_checkpointing=grad_checkpointing, nproc=int(os.environ.get("WORLD_SIZE", "1"))), max_memory)
     try:
         with progress_bars(not as_json) as bars:
-            result = run_repair(model, cfg, output=output, force=force, resume=resume, progress=bars)
+            result = run_repair(model, cfg, output=output, force=force, resume=resume, progress=bars, max_shard_size=max_shard_size)
     except KeyboardInterrupt:
         raise SeftcError(interrupted_message(output)) from None
     if result.output is None:  # a non-main rank under torchrun

@@ -21,6 +21,7 @@ import torch
 from seftc.data.calibration import CalibConfig
 from seftc.errors import SeftcError
 from seftc.eval.multiple_choice import max_length
+from seftc.formats.shards import DEFAULT_MAX_SHARD_SIZE
 from seftc.models.loading import LoadedModel, load_model, resolve_model
 from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
 from seftc.models.saving import check_output, save_model, writes_outputs
@@ -32,6 +33,7 @@ from seftc.repair.config import RepairConfig, make_repair_config
 from seftc.repair.data import TokenWindows
 from seftc.repair.importance import input_sq_norms
 from seftc.repair.methods import make_method
+from seftc.sizes import parse_size
 
 @dataclass
 class RepairResult:
@@ -139,13 +141,16 @@ def repair(
     progress: ProgressSink = NO_PROGRESS,
     stop_after: int | None = None,
     allow_dense: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     **overrides: Any,
 ) -> RepairResult:
-    """Repair a pruned model (a folder written by `seftc prune`) and save it to `output`.
+    """Repair a pruned model (a folder written by `seftc prune`) and save it to `output` (weights in
+    shards of at most `max_shard_size`).
 
     `allow_dense=True` accepts a 0%-sparsity manifest: the benchmark's reference row (the dense
     model trained with the same data and budget, to tell repair from domain adaptation)."""
     cfg = make_repair_config(**{**(config.model_dump() if config else {}), **overrides})
+    parse_size(max_shard_size, "--max-shard-size")
     start_time = time.perf_counter()
     dist = distributed.setup()
     out = Path(output) if output is not None else None
@@ -269,7 +274,8 @@ def repair(
         raise RuntimeError("ranks took different topology decisions")
     saved = None
     if out is not None and dist.is_main:
-        saved = save_model(model_, loaded.tokenizer, out, {"seftc_manifest.json": manifest.to_json()}, masks=final_masks)
+        saved = save_model(model_, loaded.tokenizer, out, {"seftc_manifest.json": manifest.to_json()}, masks=final_masks,
+                           max_shard_size=max_shard_size)
         if ckpts is not None and checkpoint_dir is None:
             ckpts.remove()  # only if it carries this run's marker: never the input, never a user's folder
     dist.barrier()
