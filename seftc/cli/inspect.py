@@ -9,7 +9,7 @@ from seftc.cli.common import print_json, stdout, user_errors
 @click.command("inspect")
 @click.argument("model")
 @click.option("--include", multiple=True, default=("*",), show_default=True, help="Target module-name patterns.")
-@click.option("--ignore", multiple=True, help="Module-name patterns to skip (default: lm_head and embeddings).")
+@click.option("--ignore", multiple=True, show_default="lm_head and embeddings", help="Module-name patterns to skip (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code named by the checkpoint to run.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle weights (.bin); only for trusted files.")

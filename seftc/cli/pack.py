@@ -1,31 +1,31 @@
 """`seftc pack MODEL -o OUT` and `seftc unpack PACKED -o OUT`."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from seftc.cli.common import max_shard_size_option, note_checksums, print_json, progress_bars, stderr, user_errors
-
-FORMATS = ["auto", "2:4", "bitmask", "csr", "rice", "ct-sparse-bitmask", "ct-sparse-24-bitmask"]
-
+from seftc.cli.options import from_options, options_from
+from seftc.compress.recipe import PackStage
 
 @click.command("pack")
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (config + packed safetensors + seftc_pack.json).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
-              help="auto: the smallest valid format per tensor; ct-*: compressed-tensors' layouts, loadable by its tools.")
-@click.option("--exact-zeros", is_flag=True, help="Keep -0.0 weights as stored values (bit-exact; costs space).")
+@options_from(PackStage)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as one JSON object on stdout.")
 @click.option("--trust-remote-code", is_flag=True, help="Accept a MODEL whose config.json names its own code (pack never runs it).")
 @max_shard_size_option
 @user_errors
-def pack(model: str, output: str, fmt: str, exact_zeros: bool, force: bool, as_json: bool, trust_remote_code: bool, max_shard_size: str) -> None:
+def pack(model: str, output: str, force: bool, as_json: bool, trust_remote_code: bool, max_shard_size: str, **options: Any) -> None:
     """Store MODEL's sparse weights in compact formats (dense tensors stay dense)."""
     from seftc.formats.packing import pack_folder
 
+    opts = from_options(PackStage, "pack", options)
     with progress_bars(not as_json) as bars:
-        result = pack_folder(model, output, fmt, force=force, exact_zeros=exact_zeros, trust_remote_code=trust_remote_code, progress=bars,
-                             max_shard_size=max_shard_size)
+        result = pack_folder(model, output, opts.format, force=force, exact_zeros=opts.exact_zeros, trust_remote_code=trust_remote_code,
+                             progress=bars, max_shard_size=max_shard_size)
     for w in result.warnings:
         stderr.print(f"[yellow]note:[/yellow] {w}")
     s = result.summary()

@@ -26,27 +26,24 @@ class CompressResult:
     stages: list[StageOutcome] = field(default_factory=list)
 
 
-def _validate(recipe: Recipe) -> None:
+def _validate(recipe: Recipe, log: Callable[[str], None]) -> None:
     """Check every stage's options up front, so a bad value fails before hours of work."""
     from seftc.models.loading import resolve_model
-    from seftc.repair.config import make_repair_config
+    from seftc.repair.config import make_repair_config, schedule_warnings
 
-    resolve_model(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    m = recipe.model
+    resolve_model(m.path, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     if recipe.prune:
-        _prune_config(recipe)
+        recipe.prune.to_config()
     if recipe.repair:
         if not recipe.prune:
             raise SeftcError("recipe: repair needs a prune stage before it (or run `seftc repair` on a pruned folder)")
-        make_repair_config(**recipe.repair.model_dump())
-    if recipe.pack:
-        from seftc.formats.registry import CHOICES
+        for warning in schedule_warnings(make_repair_config(**recipe.repair.model_dump())):
+            log(f"repair: warning: {warning}")
+    if recipe.eval:
+        from seftc.eval.suite import plan
 
-        if recipe.pack.format not in CHOICES:
-            raise SeftcError(f"recipe key pack.format: unknown format {recipe.pack.format!r}; choose one of {', '.join(CHOICES)}")
-    if recipe.eval and recipe.eval.tasks:
-        from seftc.data.tasks import check_task_names
-
-        check_task_names([t for t in recipe.eval.tasks.split(",") if t])
+        plan(**recipe.eval.model_dump())
 
 
 def _claim_run_dir(run: Path) -> None:
@@ -64,16 +61,6 @@ def _claim_run_dir(run: Path) -> None:
     run.mkdir(exist_ok=True)
     if not os.access(run, os.W_OK | os.X_OK):
         raise SeftcError(f"cannot write into the run folder {run}; check its permissions or choose another -o")
-
-
-def _prune_config(recipe: Recipe):
-    from seftc.models.targets import DEFAULT_IGNORE
-    from seftc.prune.config import make_config
-
-    p = recipe.prune
-    return make_config(method=p.method, sparsity=p.sparsity if p.pattern == "unstructured" else None, pattern=p.pattern,
-                       include=p.include, ignore=p.ignore if p.ignore is not None else list(DEFAULT_IGNORE), owl=p.owl,
-                       calib={"source": p.calib, "nsamples": p.nsamples, "seqlen": p.seqlen, "seed": p.seed})
 
 
 def _manifest_summary(folder: Path) -> dict[str, Any]:
@@ -104,7 +91,7 @@ def compress(
     started = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides), None if model is None else str(model))
-    _validate(recipe)
+    _validate(recipe, log)
     run = Path(run_dir).expanduser()
     _claim_run_dir(run)
     (run / "recipe.yaml").write_text(_yaml(recipe_to_dict(recipe)))
@@ -118,14 +105,15 @@ def compress(
         outcomes.append(out)
         return out
 
+    m = recipe.model
     if recipe.prune:
-        cfg = _prune_config(recipe)
+        cfg = recipe.prune.to_config()
 
         def do_prune(tmp: Path) -> dict[str, Any]:
             from seftc.prune.api import prune
 
-            prune(spec, cfg, output=tmp / "model", progress=progress, dtype=recipe.model.dtype,
-                  trust_remote_code=recipe.model.trust_remote_code)
+            prune(spec, cfg, output=tmp / "model", progress=progress, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                  allow_pickle=m.allow_pickle)
             return {"manifest": _manifest_summary(tmp / "model")}
 
         o = stage("prune", cfg.model_dump(), [keys["dense"]], do_prune)
@@ -146,44 +134,42 @@ def compress(
     final = "repaired" if "repaired" in models else "pruned" if "pruned" in models else "dense"
 
     if recipe.pack and final != "dense":
-        pcfg = recipe.pack.model_dump()
+        pack_opts = recipe.pack
 
         def do_pack(tmp: Path) -> dict[str, Any]:
             from seftc.formats.packing import pack_folder
 
-            result = pack_folder(models[final], tmp / "model", pcfg["format"], trust_remote_code=recipe.model.trust_remote_code,
-                                 progress=progress)
+            result = pack_folder(models[final], tmp / "model", pack_opts.format, exact_zeros=pack_opts.exact_zeros,
+                                 trust_remote_code=m.trust_remote_code, progress=progress)
             return {"summary": result.summary(), "tensors": {k: vars(v) for k, v in result.tensors.items()}}
 
-        o = stage("pack", pcfg, [keys[final]], do_pack)
+        o = stage("pack", pack_opts.model_dump(), [keys[final]], do_pack)
         models["packed"], keys["packed"] = str(o.folder / "model"), o.key
 
     if recipe.export:
-        ecfg = recipe.export.model_dump()
+        export_opts = recipe.export
         if _available("seftc.export.onnx") and _available("onnxruntime"):
             def do_export(tmp: Path) -> dict[str, Any]:
                 from seftc.export.onnx import export_onnx
 
-                result = export_onnx(models[final], tmp / "onnx", sparse_initializers=ecfg["sparse_initializers"])
+                result = export_onnx(models[final], tmp / "onnx", progress=progress, **export_opts.export_kwargs())
                 return {"summary": _plain(result)}
 
-            stage("export", ecfg, [keys[final]], do_export)
+            stage("export", export_opts.model_dump(), [keys[final]], do_export)
         else:
             log("export: skipped (install the [onnx] extra for ONNX export)")
 
     if recipe.bench and final != "dense":
-        bcfg = recipe.bench.model_dump()
+        bench_opts = recipe.bench
         if _available("seftc.runtime.bench"):
             def do_bench(tmp: Path) -> dict[str, Any]:
-                from seftc.config_types import parse_counts
                 from seftc.runtime.bench import bench_model
 
-                batches = list(parse_counts(bcfg["batch"]))
-                result = bench_model(models[final], device=bcfg["device"], batches=batches, repeats=bcfg["repeats"],
-                                     trust_remote_code=recipe.model.trust_remote_code)
+                result = bench_model(models[final], device=bench_opts.device, dtype=bench_opts.dtype,
+                                     trust_remote_code=m.trust_remote_code, **bench_opts.bench_kwargs())
                 return {"summary": _plain(result)}
 
-            stage("bench", bcfg, [keys[final]], do_bench)
+            stage("bench", bench_opts.model_dump(), [keys[final]], do_bench)
         else:
             log("bench: skipped (the sparse runtime is not available in this build)")
 
@@ -220,21 +206,11 @@ def compress(
 
 
 def evaluate_variant(spec: str, cfg: dict[str, Any], progress: ProgressSink) -> dict[str, Any]:
-    from seftc.eval.multiple_choice import evaluate_tasks
-    from seftc.eval.perplexity import perplexity
+    from seftc.eval.suite import plan, run
     from seftc.models.loading import load_model
 
     loaded = load_model(spec)
-    out: dict[str, Any] = {"ppl": None, "tasks": {}}
-    if cfg.get("ppl"):
-        r = perplexity(loaded.model, loaded.tokenizer, cfg["ppl"], seqlen=cfg["seqlen"], limit=cfg.get("ppl_limit"), progress=progress)
-        out["ppl"] = r.ppl
-        out["ppl_protocol"] = {"source": r.source, "seqlen": r.seqlen, "stride": r.stride, "windows": r.windows, "tokens": r.tokens}
-    if cfg.get("tasks"):
-        tasks = [t for t in cfg["tasks"].split(",") if t]
-        res = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, limit=cfg.get("limit"), progress=progress)
-        out["tasks"] = {k: {"acc": v.acc, "acc_stderr": v.acc_stderr, "n": v.n} for k, v in res.items()}
-    return out
+    return run(loaded.model, loaded.tokenizer, plan(**cfg), progress)
 
 
 def _plain(obj: Any) -> Any:

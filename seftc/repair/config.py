@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from seftc.config_types import (Count, Fraction, NonNegativeCount, NonNegativeFloat, OpenFraction, PositiveFloat, PositiveFraction, SeqLen,
-                                Seed)
+                                Seed, described)
 from seftc.errors import SeftcError, validated
 
 METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
@@ -14,52 +14,67 @@ METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora
 DEFAULT_LR = {"seft": 2e-3, "seft-noregrow": 2e-3, "static": 1e-3, "lora-merge": 5e-4, "masked-lora": 5e-4, "lora-dense": 5e-4}
 
 
+_LR_HELP = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
+
+
 class RepairConfig(BaseModel):
+    """`seftc repair`'s options and the `repair` stage of a recipe: declared once, here. The
+    defaults are the settings tuned on validation text (results/repair-tuning.md)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    method: str = "seft"
-    data: str = "shakespeare:train"
-    eval_data: str = "shakespeare:valid"
-    steps: Count = 140
-    batch_size: Count = 4
-    grad_accum: Count = 1
-    seqlen: SeqLen = 256
-    lr: PositiveFloat | None = None
-    warmup: NonNegativeCount = 10  # steps of linear warm-up (every method)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up (every method)
-    lr_min_ratio: Fraction = 0.1  # cosine/linear decay ends at lr × this
-    weight_decay: NonNegativeFloat = 0.0
-    seed: Seed = 0
-    eval_every: NonNegativeCount = 20
-    eval_windows: Count = 8
-    checkpoint_every: NonNegativeCount = 0
-    grad_checkpointing: bool = False
+    method: str = described("seft", "seft: a sparse delta whose positions move (topology updates); static: fine-tune the kept weights "
+                     "under the mask; seft-noregrow: SEFT that never grows into pruned positions; lora-merge, masked-lora, "
+                     "lora-dense: LoRA baselines.", choices=list(METHODS))
+    data: str = described("shakespeare:train", "Training text: a .txt file or folder, a .jsonl, or a built-in source.")
+    eval_data: str = described("shakespeare:valid", "Held-out text for the loss logged during training.")
+    steps: Count = described(140, "Optimizer steps.")
+    batch_size: Count = described(4, "Sequences per optimizer step (global, over all ranks).")
+    grad_accum: Count = described(1, "Micro-batches per step (batch-size must be divisible by it).")
+    seqlen: SeqLen = described(256, "Tokens per training sequence (capped at the model's context).")
+    lr: PositiveFloat | None = described(None, f"Peak learning rate; by default the one tuned per method: {_LR_HELP}.",
+                                  show_default="per method")
+    warmup: NonNegativeCount = described(10, "Linear warm-up steps (every method); keep it below --steps.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = described("cosine", "Decay after the warm-up (every method).")
+    lr_min_ratio: Fraction = described(0.1, "The cosine/linear decay ends at the peak lr × this.")
+    weight_decay: NonNegativeFloat = described(0.0, "Decoupled weight decay of the trained parameters.")
+    seed: Seed = described(0, "Seed of the data order and of the initialisation.")
+    eval_every: NonNegativeCount = described(20, "Held-out loss every N steps (0: never).")
+    eval_windows: Count = described(8, "Held-out windows (of seqlen tokens) per held-out loss.")
+    checkpoint_every: NonNegativeCount = described(0, "Write a resumable checkpoint every N steps to OUT.checkpoint/ (0: never).")
+    grad_checkpointing: bool = described(False, "Activation checkpointing (less memory, more compute).")
     # SEFT
-    density: PositiveFraction = 0.02
-    update_interval: Count = 20
-    accumulation: Count = 5
-    zeta0: Fraction = 0.2
-    protect: NonNegativeCount = 2
-    candidates: PositiveFloat = 1.0
-    init: Literal["random", "gradient"] = "random"
-    reactivation: Literal["gain", "always"] = "gain"
+    density: PositiveFraction = described(0.10, "SEFT: trainable delta density ρ, a fraction of each target layer's weights.")
+    update_interval: Count = described(10, "SEFT: steps between topology updates (a run needs more than twice this for two).")
+    accumulation: Count = described(5, "SEFT: steps of gradient statistics before each update (at most update-interval).")
+    zeta0: Fraction = described(0.2, "SEFT: fraction of slots dropped at the first update (cosine-decayed).")
+    protect: NonNegativeCount = described(2, "SEFT: updates a newly grown position is protected from dropping.")
+    candidates: PositiveFloat = described(1.0, "SEFT: growth candidates kept per slot, as a multiple of the slots (memory O(k)).")
+    init: Literal["random", "gradient"] = described("gradient", "SEFT: initial delta positions: largest first gradients, or random.")
+    reactivation: Literal["gain", "always"] = described("gain", "SEFT: grow into pruned positions only where the gain pays for the "
+                                                 "eviction (gain), or always.")
     # SEFT v2 (issue 16): eviction/growth scores, caps on how much one update moves, the pull toward the base
-    evict_score: Literal["last", "window", "fisher", "wanda", "magnitude", "random"] = "last"
-    evict_blend: Fraction = 0.0  # weight of the pruning-time importance |W|·‖X‖ in the eviction cost
-    importance_windows: Count = 8  # calibration windows for ‖X‖ (evict_score wanda or evict_blend > 0)
-    grow_candidates: Literal["first", "window"] = "first"  # candidates: top |g| of the window's first batch, or of its summed gradient
-    reactivation_cap: PositiveFraction | None = None  # reactivations per update ≤ this × the layer's active count
-    row_cap: OpenFraction | None = None  # evictions per output row and update ≤ floor(this × the row's active count)
-    reactivation_stop: PositiveFraction = 1.0  # no reactivation once this fraction of the steps is done
-    reactivation_margin: PositiveFloat = 1.0  # gain rule: reactivate only where gain > margin × eviction cost
-    evict_cooldown: NonNegativeCount = 0  # positions evicted in the last N updates cannot be regrown (0 = off)
-    delta_decay: NonNegativeFloat = 0.0  # L2-SP pull: decoupled decay of δ and merged δ toward the pruned base
+    evict_score: Literal["last", "window", "fisher", "wanda", "magnitude", "random"] = described(
+        "last", "SEFT: eviction (prune-back) cost: last batch |W·g|, window-mean |W·g|, Fisher/OBD, or an importance.")
+    evict_blend: Fraction = described(0.0, "SEFT: weight of the pruning-time importance |W|·‖X‖ in the eviction cost.")
+    importance_windows: Count = described(8, "SEFT: calibration windows for ‖X‖ (evict-score wanda or evict-blend > 0).")
+    grow_candidates: Literal["first", "window"] = described(
+        "first", "SEFT: growth candidates from the top |g| of the window's first batch, or of its summed gradient.")
+    reactivation_cap: PositiveFraction | None = described(
+        None, "SEFT: reactivations per update ≤ this fraction of a layer's active weights.", show_default="no cap")
+    row_cap: OpenFraction | None = described(
+        None, "SEFT: evictions per output row and update ≤ this fraction of the row's active weights.", show_default="no cap")
+    reactivation_stop: PositiveFraction = described(1.0, "SEFT: no reactivation after this fraction of the steps.")
+    reactivation_margin: PositiveFloat = described(1.0, "SEFT: the gain rule reactivates only where gain > margin × cost.")
+    evict_cooldown: NonNegativeCount = described(0, "SEFT: positions evicted in the last N updates are not regrown (0: off).")
+    delta_decay: NonNegativeFloat = described(0.0, "SEFT: decay of δ and merged δ toward the pruned base (L2-SP pull).")
     # eviction damage log: held-out loss just before and after each topology update (costs forward passes)
-    damage_windows: NonNegativeCount = 0  # windows of eval_data (and ood_data) per measurement; 0 = off
-    ood_data: str | None = None  # out-of-domain held-out text for the damage log
+    damage_windows: NonNegativeCount = described(
+        0, "Log held-out loss before/after each SEFT topology update on this many windows (0: off).")
+    ood_data: str | None = described(None, "Out-of-domain held-out text for the damage log.", show_default="none")
     # LoRA baselines
-    lora_r: Count = 8
-    lora_alpha: PositiveFloat = 16.0
+    lora_r: Count = described(8, "LoRA baselines: adapter rank.")
+    lora_alpha: PositiveFloat = described(16.0, "LoRA baselines: scaling α.")
 
     @field_validator("method")
     @classmethod
@@ -73,10 +88,27 @@ class RepairConfig(BaseModel):
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
 
-def make_repair_config(**kwargs) -> RepairConfig:
-    cfg = validated(RepairConfig, "repair", **kwargs)
+def make_repair_config(labels: dict[str, str] | None = None, **kwargs) -> RepairConfig:
+    """Validate repair options; `labels` names keys as the user gave them (`--steps`)."""
+    cfg = validated(RepairConfig, "repair", labels=labels, **kwargs)
+    name = (labels or {}).get
     if cfg.batch_size % cfg.grad_accum:
-        raise SeftcError(f"repair.batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum})")
+        raise SeftcError(f"{name('batch_size', 'repair.batch_size')} ({cfg.batch_size}) must be divisible by "
+                         f"{name('grad_accum', 'repair.grad_accum')} ({cfg.grad_accum})")
     if cfg.accumulation > cfg.update_interval:
-        raise SeftcError("repair.accumulation must not exceed repair.update_interval")
+        raise SeftcError(f"{name('accumulation', 'repair.accumulation')} ({cfg.accumulation}) must not exceed "
+                         f"{name('update_interval', 'repair.update_interval')} ({cfg.update_interval})")
     return cfg
+
+
+def schedule_warnings(cfg: RepairConfig) -> list[str]:
+    """Settings that are valid but probably not what the user meant."""
+    out = []
+    if cfg.warmup >= cfg.steps:
+        out.append(f"warm-up ({cfg.warmup} steps) is not below the {cfg.steps} steps: the learning rate never reaches its "
+                   f"peak after warm-up nor decays; lower warmup below steps")
+    seft = cfg.method.startswith("seft")
+    if seft and cfg.steps <= cfg.update_interval:
+        out.append(f"{cfg.steps} steps with an update every {cfg.update_interval}: no topology update will happen; "
+                   f"raise steps above update_interval")
+    return out
