@@ -219,7 +219,7 @@ def test_cli_module_imports_no_torch():
 
 
 def test_cli_choices_match_registry():
-    from seftc.cli.pack import FORMATS
+    from seftc.compress.recipe import PACK_FORMATS  # `seftc pack --format` choices and the recipe's pack.format
     from seftc.formats.registry import CHOICES
 
-    assert sorted(FORMATS) == sorted(CHOICES)
+    assert sorted(PACK_FORMATS) == sorted(CHOICES)
