@@ -11,9 +11,10 @@ from seftc.errors import SeftcError
 @click.command("serve")
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port (0: any free port).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device the model runs on.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Dtype of the weights.")
 @click.option("--max-batch", type=Checked(Count), default=16, show_default=True,
               help="Sequences decoded together; more wait in the queue.")
 @click.option("--max-queue", "max_waiting", type=Checked(NonNegativeCount), default=64, show_default=True,
@@ -23,11 +24,11 @@ from seftc.errors import SeftcError
                    "streams keep flowing while a burst of prompts is prefilled.")
 @click.option("--max-tokens", type=Checked(Count), default=1024, show_default=True,
               help="Most new tokens one request may ask for (above it: 400).")
-@click.option("--api-key", default=None, envvar="SEFTC_API_KEY", show_envvar=True,
+@click.option("--api-key", default=None, envvar="SEFTC_API_KEY", show_envvar=True, show_default="none: no authentication",
               help="Require 'Authorization: Bearer KEY' on /v1 requests.")
-@click.option("--model-name", default=None, help="The model id clients send (default: the folder's name).")
+@click.option("--model-name", default=None, show_default="the folder's name", help="The model id clients send.")
 @click.option("--dense", is_flag=True, help="Serve the dense model instead of the sparse runtime (for comparison).")
-@click.option("--threads", type=Checked(Threads), default=None, help="CPU threads (default: torch's).")
+@click.option("--threads", type=Checked(Threads), default=None, show_default="torch's", help="CPU threads.")
 @click.option("--drain-timeout", type=Checked(NonNegativeFloat), default=60.0, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
