@@ -35,15 +35,17 @@ def _validate(recipe: Recipe, log: Callable[[str], None]) -> None:
     resolve_model(m.path, trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     if recipe.prune:
         recipe.prune.to_config()
+    warnings = []
     if recipe.repair:
         if not recipe.prune:
             raise SeftcError("recipe: repair needs a prune stage before it (or run `seftc repair` on a pruned folder)")
-        for warning in schedule_warnings(make_repair_config(**recipe.repair.model_dump())):
-            log(f"repair: warning: {warning}")
+        warnings += schedule_warnings(make_repair_config(**recipe.repair.model_dump()))
     if recipe.eval:
         from seftc.eval.suite import plan
 
         plan(**recipe.eval.model_dump())
+    for warning in warnings:  # after every check: bad input gets its one error line alone
+        log(f"repair: warning: {warning}")
 
 
 def _claim_run_dir(run: Path) -> None:
