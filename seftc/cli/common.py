@@ -205,11 +205,11 @@ def max_shard_size_option(fn: Callable) -> Callable:
 
 def device_option(fn: Callable) -> Callable:
     """`--device cpu|cuda` for commands that compute on a model (default: CUDA when available)."""
-    return click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-                        help="Where to compute (default: cuda when available, else cpu).")(fn)
+    return click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, show_default="cuda when available, else cpu",
+                        help="Where to compute.")(fn)
 
 
 def max_memory_option(fn: Callable) -> Callable:
     """`--max-memory SIZE` for commands that load a model: refuse up front what the plan says won't fit."""
-    return click.option("--max-memory", default=None, metavar="SIZE",
+    return click.option("--max-memory", default=None, metavar="SIZE", show_default="no limit",
                         help="Refuse to start when the estimated peak memory (seftc plan) exceeds SIZE (e.g. 8GiB).")(fn)

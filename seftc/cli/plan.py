@@ -9,13 +9,17 @@ from seftc.config_types import Count
 
 @click.command("plan")
 @click.argument("model")
-@click.option("--method", default=None, help="One prune method (magnitude, wanda, sparsegpt) or repair method (seft, static, lora-merge, ...); default: the usual ones.")
-@click.option("--batch-size", type=Checked(Count), default=None, help="Repair/eval batch (default 4), prune calibration batch (default: all samples).")
-@click.option("--seqlen", type=Checked(Count), default=None, help="Tokens per sequence (default 512 for prune/eval, 256 for repair).")
+@click.option("--method", default=None, show_default="the usual ones",
+              help="One prune method (magnitude, wanda, sparsegpt) or repair method (seft, static, lora-merge, ...).")
+@click.option("--batch-size", type=Checked(Count), default=None, show_default="4 for repair/eval, all samples for prune",
+              help="Repair/eval batch, prune calibration batch.")
+@click.option("--seqlen", type=Checked(Count), default=None, show_default="512 for prune/eval, 256 for repair",
+              help="Tokens per sequence.")
 @click.option("--nsamples", type=Checked(Count), default=128, show_default=True, help="Prune calibration samples.")
 @click.option("--nproc", type=Checked(Count), default=1, show_default=True, help="Ranks under torchrun (repair, per rank).")
 @click.option("--fsdp", is_flag=True, help="Repair with the base, delta and optimizer state sharded over the ranks.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Dtype the model would be loaded in (auto: the checkpoint's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--trust-remote-code", is_flag=True, help="Accept a config that names its own code (plan never runs it).")
 @user_errors

@@ -163,8 +163,9 @@ STAGE_TYPES: dict[str, type[BaseModel]] = {
     "model": ModelStage, "prune": PruneStage, "repair": RepairConfig, "pack": PackStage,
     "export": ExportStage, "bench": BenchStage, "eval": EvalStage, "serve": ServeStage,
 }
-# Options of a command that are not keys of its stage: where output goes, and how it is shown.
-CLI_ONLY = frozenset({"output", "force", "json", "resume", "plot"})
+# Options of a command that are not keys of its stage: where output goes and how it is shown, and
+# what the machine allows (memory cap, device, streaming, shard size), which a run_dir does not fix.
+CLI_ONLY = frozenset({"output", "force", "json", "resume", "plot", "max_memory", "max_shard_size", "device", "stream"})
 
 
 class Recipe(BaseModel):
