@@ -40,7 +40,7 @@ def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, ma
     try:
         with progress_bars(not as_json) as bars:
             result = run_repair(model, cfg, output=output, force=force, resume=resume, max_shard_size=max_shard_size,
-                                progress=_WarnOnStart(bars, schedule_warnings(cfg)))
+                                progress=_WarnOnStart(bars, [] if as_json else schedule_warnings(cfg)))
     except KeyboardInterrupt:
         raise SeftcError(interrupted_message(output)) from None
     if result.output is None:  # a non-main rank under torchrun
