@@ -142,6 +142,7 @@ def repair(
     stop_after: int | None = None,
     allow_dense: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    trust_remote_code: bool = False,
     **overrides: Any,
 ) -> RepairResult:
     """Repair a pruned model (a folder written by `seftc prune`) and save it to `output` (weights in
@@ -157,14 +158,14 @@ def repair(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint.default_dir(out) if out is not None else None
     if resume and ckpt is None:
         raise SeftcError("--resume needs an output (its checkpoint folder is OUT.checkpoint)")
-    ref = model.ref if isinstance(model, LoadedModel) else resolve_model(model)
+    ref = model.ref if isinstance(model, LoadedModel) else resolve_model(model, trust_remote_code=trust_remote_code)
     if out is not None and dist.is_main and not isinstance(model, LoadedModel):
         check_output(out, force, (ref.path,))
     ckpts = None
     if ckpt is not None:
         checkpoint.check_paths(ckpt, (ref.path,), out)
         ckpts = checkpoint.Checkpoints.open(ckpt, resume=resume, writing=bool(cfg.checkpoint_every) and dist.is_main, force=force)
-    loaded = model if isinstance(model, LoadedModel) else load_model(ref)
+    loaded = model if isinstance(model, LoadedModel) else load_model(ref, trust_remote_code=trust_remote_code)
     if loaded.tokenizer is None:
         raise SeftcError(f"{loaded.ref.spec} has no tokenizer; repair needs one to read its training text")
     context = max_length(loaded.model, loaded.tokenizer)
