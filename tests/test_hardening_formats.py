@@ -6,6 +6,7 @@ exactly as an attacker would."""
 from __future__ import annotations
 
 import json
+import shutil
 import resource
 import struct
 from pathlib import Path
@@ -280,9 +281,23 @@ def test_bench_model_refuses_auto_map(remote_code_folder):
     assert not sentinel.exists()
 
 
-@pytest.mark.parametrize("command", ["generate", "bench", "eval", "pack", "inspect", "export", "prune"])
+@pytest.mark.parametrize("command", ["generate", "bench", "eval", "pack", "inspect", "export", "prune", "repair", "serve"])
 def test_every_loading_command_has_the_flag(command):
     assert "--trust-remote-code" in run(command, "--help").output
+
+
+def test_repair_refuses_auto_map_without_the_flag(tiny, tmp_path):
+    """repair loads its input through the same refusal as every other command."""
+    from seftc.repair.api import repair
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny[0], folder)  # the module's shared model stays as it is
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SeftcError, match="--trust-remote-code"):
+        repair(str(folder), output=str(tmp_path / "r"), steps=1)
+    assert not (tmp_path / "r").exists()
 
 
 # --- 8: small files, huge allocations ------------------------------------------------------------------

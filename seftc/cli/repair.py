@@ -7,6 +7,7 @@ import click
 
 from seftc.cli.common import max_memory_option, max_shard_size_option, print_json, progress_bars, stderr, user_errors
 from seftc.cli.options import cli_labels, options_from, take
+from seftc.compress.recipe import ModelStage
 from seftc.repair.config import RepairConfig
 
 
@@ -14,13 +15,14 @@ from seftc.repair.config import RepairConfig
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder for the repaired model.")
 @options_from(RepairConfig)
+@options_from(ModelStage, only=("trust_remote_code",))
 @click.option("--resume", is_flag=True, help="Continue from OUT.checkpoint/ (written by --checkpoint-every).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
 @max_memory_option
 @max_shard_size_option
 @user_errors
-def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, max_memory: str | None, max_shard_size: str,
+def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, max_memory: str | None, max_shard_size: str, trust_remote_code: bool,
            **options: Any) -> None:
     """Repair a pruned MODEL (written by `seftc prune`) while keeping its sparsity."""
     from seftc.errors import SeftcError
@@ -39,7 +41,7 @@ def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, ma
                                nproc=int(os.environ.get("WORLD_SIZE", "1"))), max_memory)
     try:
         with progress_bars(not as_json) as bars:
-            result = run_repair(model, cfg, output=output, force=force, resume=resume, max_shard_size=max_shard_size,
+            result = run_repair(model, cfg, output=output, force=force, resume=resume, trust_remote_code=trust_remote_code, max_shard_size=max_shard_size,
                                 progress=_WarnOnStart(bars, [] if as_json else schedule_warnings(cfg)))
     except KeyboardInterrupt:
         raise SeftcError(interrupted_message(output)) from None
