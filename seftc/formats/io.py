@@ -28,6 +28,7 @@ from seftc.errors import FormatError, SeftcError
 from seftc.formats.base import ST_DTYPES, VALUE_DTYPES, PackedTensor, name_problem, raw_bytes, st_name
 from seftc.formats.dense import DENSE
 from seftc.formats.registry import get_codec
+from seftc.formats.shards import CloseOrAbort
 from seftc.models.saving import current_umask
 
 CONTAINER_VERSION = "1"
@@ -58,7 +59,7 @@ class Entry:
                 "params": dict(sorted(self.params.items())), "sha256": self.sha256}
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(CloseOrAbort):
     """Write one safetensors file key by key: each tensor's bytes go to a spool file as soon as it
     is added (one spool per alignment, so every tensor stays aligned to its element size), and
     `close()` writes header + spools to a temp file beside the target and renames it into place.
@@ -72,15 +73,6 @@ class SafetensorsWriter:
         self.keys: set[str] = set()
         self.nbytes = 0  # tensor bytes added so far
         self.bytes_written = 0  # file size after close
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def add(self, key: str, t: torch.Tensor) -> None:
         if key in self.keys:
@@ -139,7 +131,7 @@ class SafetensorsWriter:
         self._spools.clear()
 
 
-class PackedWriter:
+class PackedWriter(CloseOrAbort):
     """Write a file of packed tensors (the container above) tensor by tensor; `close()` renames it
     into place. Use as a context manager: on an exception nothing is left on disk."""
 
@@ -160,15 +152,6 @@ class PackedWriter:
     @property
     def bytes_written(self) -> int:
         return self._file.bytes_written
-
-    def __enter__(self) -> "PackedWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def add(self, name: str, packed: PackedTensor | torch.Tensor) -> Entry:
         """Store one tensor: a PackedTensor in its format, a plain tensor as `dense`."""

@@ -24,6 +24,20 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"  # like save_pretrained before transformers 5
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
+class CloseOrAbort:
+    """A writer used as a context manager: `close()` on success, `abort()` (nothing left) on an
+    exception. Subclasses define both."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 class FileWriter(Protocol):
     nbytes: int
     keys: set[str]
@@ -39,7 +53,7 @@ def shard_name(prefix: str, i: int, n: int) -> str:
     return f"{prefix}-{i:05d}-of-{n:05d}.safetensors" if n > 1 else f"{prefix}.safetensors"
 
 
-class ShardedWriter:
+class ShardedWriter(CloseOrAbort):
     """Write tensors into `folder` as PREFIX shards of at most `max_shard_size` bytes, with the
     index when there is more than one. `open_file(path)` makes one shard's writer (default: a
     plain safetensors file; `PackedWriter` for packed models). Use as a context manager."""
@@ -59,15 +73,6 @@ class ShardedWriter:
         self.weight_map: dict[str, int] = {}  # stored key -> shard number (0-based)
         self.total_size = 0
         self.files: list[str] = []  # final names, after close
-
-    def __enter__(self) -> "ShardedWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def add(self, name: str, obj: Any, nbytes: int | None = None) -> Any:
         """Store `obj` (whatever the shard writer takes) under `name`; `nbytes` is its stored size

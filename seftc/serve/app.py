@@ -296,6 +296,15 @@ def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def _finished(request: Request, seq: Any, queue: Any) -> Any:
+        """Wait for a non-streamed sequence: its result, 499 if the client left, or the API error."""
+        done = await _collect(request, seq, queue)
+        if done is None:
+            return Response(status_code=499)
+        if done.finish_reason in ("error", "cancelled"):
+            raise _failed(done)
+        return done
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = await _parse(request, p.CompletionRequest)
@@ -327,11 +336,9 @@ def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI
                            lambda text: p.completion(rid, settings.model_name, text, None, None, made, chunk=True),
                            lambda reason: p.completion(rid, settings.model_name, "", reason, None, made, chunk=True),
                            usage_chunk)
-        done = await _collect(request, seq, queue)
-        if done is None:
-            return Response(status_code=499)
-        if done.finish_reason in ("error", "cancelled"):
-            raise _failed(done)
+        done = await _finished(request, seq, queue)
+        if isinstance(done, Response):
+            return done
         return p.completion(rid, settings.model_name, done.text, done.finish_reason,
                             p.usage(len(done.prompt), len(done.tokens)))
 
@@ -357,11 +364,9 @@ def create_app(engine: Engine, tokenizer: Any, settings: AppSettings) -> FastAPI
                            lambda text: p.chat_chunk(rid, name, made, {"content": text}, None),
                            lambda reason: p.chat_chunk(rid, name, made, {}, reason),
                            usage_chunk)
-        done = await _collect(request, seq, queue)
-        if done is None:
-            return Response(status_code=499)
-        if done.finish_reason in ("error", "cancelled"):
-            raise _failed(done)
+        done = await _finished(request, seq, queue)
+        if isinstance(done, Response):
+            return done
         return p.chat_completion(rid, settings.model_name, done.text, done.finish_reason,
                                  p.usage(len(done.prompt), len(done.tokens)))
 
