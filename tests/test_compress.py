@@ -68,6 +68,17 @@ def test_compress_every_stage_and_report_matches_saved_tensors(tiny_dir, tmp_pat
         if name in report["plots"]:
             assert f"*{caption}*" in md
     assert set(report["plots"]) <= set(report["plot_captions"])
+    # the code that produced the run is named (a published report must say which commit made it)
+    import seftc
+    import subprocess
+    sw = report["software"]
+    assert sw["seftc"] == seftc.__version__ and sw["torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(Path(seftc.__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:
+        assert sw["commit"] == head.stdout.strip() and f"commit `{sw['commit'][:12]}`" in md
+    else:
+        assert sw["commit"] is None and "not a git checkout" in md
 
 
 def test_rerun_is_cached_and_late_change_redoes_only_late_stages(tiny_dir, tmp_path, recipe_file):

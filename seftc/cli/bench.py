@@ -63,7 +63,7 @@ class _null:
 def render(result, model: str) -> None:
     from rich.table import Table
 
-    from seftc.runtime.bench import WIDE_SPREAD, distortion
+    from seftc.runtime.bench import DISTORTION_NOTE, distortion
 
     head = f"{model} · {result.device} · {result.dtype} · {result.threads} threads · kernels: {result.backend} ({result.isa})"
     flagged = 0
@@ -97,8 +97,7 @@ def render(result, model: str) -> None:
                   f"{r.tokens_per_s('dense'):.1f}", f"{r.tokens_per_s('sparse'):.1f}", "[red]distorted[/red]" if bad else "")
     stdout.print(t)
     if flagged:
-        stdout.print(f"[red]{flagged} rows distorted[/red]: a speedup above its byte bound, or repeats more than "
-                     f"{WIDE_SPREAD:.0%} of their median apart; other processes took the cores; rerun on a quiet machine.")
+        stdout.print(f"[red]{flagged} rows distorted[/red]: {DISTORTION_NOTE}")
     m = result.memory
     stdout.print(f"weights in memory: dense {m['dense_model_bytes'] / 2**20:.1f} MiB, sparse {m['sparse_model_bytes'] / 2**20:.1f} MiB · "
                  f"bytes read per decoded token: dense {m['dense_bytes_per_token'] / 2**20:.1f} MiB, sparse "

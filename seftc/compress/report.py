@@ -44,6 +44,39 @@ def _folder_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in p.glob("*.safetensors"))
 
 
+def software() -> dict[str, Any]:
+    """What produced the run: package versions and, when seftc runs from a git checkout, its commit
+    (with `dirty` if the working tree differs from it), so a published report names the code it came from."""
+    import subprocess
+
+    import torch
+    import transformers
+
+    import seftc
+
+    info: dict[str, Any] = {"seftc": seftc.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                            "commit": None, "dirty": None}
+    root = Path(seftc.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            info["commit"] = head.stdout.strip()
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "seftc"],
+                                    capture_output=True, text=True, timeout=10)
+            info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git, or not a checkout: the versions alone are recorded
+    return info
+
+
+def _software_line(sw: dict[str, Any] | None) -> list[str]:
+    if not sw:
+        return []
+    code = f"commit `{sw['commit'][:12]}`" + (" with local changes to seftc/" if sw.get("dirty") else "") if sw.get("commit") \
+        else "not a git checkout"
+    return [f"Software: seftc {sw['seftc']} ({code}), torch {sw['torch']}, transformers {sw['transformers']}.", ""]
+
+
 def write_report(run: Path, recipe: Recipe, models: dict[str, str], outcomes: list[StageOutcome],
                  wall_s: float | None = None) -> dict[str, Any]:
     by = {o.name: o for o in outcomes}
@@ -54,6 +87,7 @@ def write_report(run: Path, recipe: Recipe, models: dict[str, str], outcomes: li
         "stages": [{"name": o.name, "key": o.key, "folder": str(o.folder), "cached": o.cached, "seconds": o.result.get("seconds"),
                     "this_run_s": o.seconds} for o in outcomes],
         "wall_s": wall_s,
+        "software": software(),
     }
     report["sparsity"] = {v: saved_sparsity(models[v]) for v in ("pruned", "repaired") if v in models}
     report["quality"] = {v: by[f"eval-{v}"].result for v in ("dense", "pruned", "repaired") if f"eval-{v}" in by}
@@ -330,6 +364,7 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append(f"- repair: {p['method']}, {p['steps']} steps × {p['batch_size']} × {p['seqlen']} tokens of {p['data']}, seed {p['seed']}")
     lines.append("")
     lines += _wall_time(report)
+    lines += _software_line(report.get("software"))
     q = report.get("quality", {})
     if q:
         tasks = sorted({t for v in q.values() for t in v.get("tasks", {})})
@@ -459,9 +494,9 @@ def _speed_section(report: dict[str, Any], speed: dict[str, Any]) -> list[str]:
              f"{cfg.get('new_tokens', '?')} decoded tokens, medians of {cfg.get('repeats', '?')} repeats after {cfg.get('warmup', '?')} "
              f"warm-up{bound}.", ""]
     if distorted:
-        lines += [f"**{len(distorted)} of {len(speed['results'])} rows are marked distorted**: a speedup above the byte bound "
-                  "or repeats that disagree by more than half their median means other processes took the cores during "
-                  "the run; rerun `seftc bench` on a quiet machine before quoting them.", ""]
+        from seftc.runtime.bench import DISTORTION_NOTE
+
+        lines += [f"**{len(distorted)} of {len(speed['results'])} rows are marked distorted**: {DISTORTION_NOTE}", ""]
     lines += ["| phase | batch | dense ms (min–max) | sparse ms (min–max) | speedup | note |", "|---|---|---|---|---|---|"]
     for x in speed["results"]:
         (dl, dh), (sl, sh) = x["dense_spread_ms"], x["sparse_spread_ms"]

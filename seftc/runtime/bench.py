@@ -129,6 +129,10 @@ class BenchResult:
 
 
 WIDE_SPREAD = 0.5  # (max - min) / median of the repeats above which a median is not trusted
+DISTORTION_NOTE = ("a speedup above the byte bound means the two paths did not stream their weights equally fast (the dense "
+                   "path below its memory bandwidth, or other processes took the cores while one path ran); repeats more "
+                   f"than {WIDE_SPREAD:.0%} of their median apart mean other processes took the cores. Rerun `seftc bench` "
+                   "on a quiet machine before quoting a flagged figure.")
 
 
 def speedup_range(row: dict[str, Any]) -> tuple[float, float]:
@@ -139,11 +143,12 @@ def speedup_range(row: dict[str, Any]) -> tuple[float, float]:
 
 def distortion(row: dict[str, Any], byte_bound: float | None) -> str | None:
     """Why a timed row (a `to_json()` of PhaseResult or LayerResult) cannot be taken at face value:
-    a speedup above the byte bound (sparse cannot read fewer bytes than that), or repeats that
-    disagree by more than WIDE_SPREAD of their median (another process took the cores); None if neither."""
+    a speedup above the byte bound (sparse cannot read fewer bytes than that, so the dense path ran
+    below the bandwidth the sparse one reached), or repeats that disagree by more than WIDE_SPREAD of
+    their median (another process took the cores); None if neither. DISTORTION_NOTE explains both."""
     reasons = []
     if byte_bound and row["speedup"] > byte_bound * 1.02:
-        reasons.append(f"{row['speedup']:.2f}× is above the byte bound {byte_bound:.2f}×")
+        reasons.append(f"{row['speedup']:.2f}× is above the byte bound {byte_bound:.2f}× (dense slower than its bytes explain)")
     for which in ("dense", "sparse"):
         lo, hi = row[f"{which}_spread_ms"]
         median = row[f"{which}_ms"]
