@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from seftc.formats.io import PackedReader
 
@@ -26,8 +25,8 @@ MG = _make_golden()
 
 @pytest.mark.parametrize("fmt", list(MG.FILES))
 def test_golden_file_decodes_exactly(fmt):
-    expected = load_file(str(GOLDEN / "expected.safetensors"))
-    prefix = "structured" if fmt in MG.STRUCTURED else "unstructured"
+    expected = MG.load_expected()
+    prefix = MG.prefix(fmt)
     with PackedReader(GOLDEN / MG.FILES[fmt]) as reader:
         names = reader.names()
         assert sorted(names) == sorted(k.split("/", 1)[1] for k in expected if k.startswith(prefix + "/"))
@@ -47,9 +46,29 @@ def test_golden_files_cover_the_cases():
     assert any(v.dim() == 2 and v.shape[0] > 64 for v in t.values())  # more than one rice block
 
 
+def test_int8_golden_files_cover_the_cases():
+    """The int8 inputs: all three dtypes, a row whose scale would be subnormal (stored as 0), a
+    weight that quantizes to zero (dropped from the mask), empty rows; and they decode to within
+    half a quantization step of their input."""
+    expected = MG.load_expected()
+    for structured in (False, True):
+        for name, t in MG.int8_tensors(structured).items():
+            got = expected[f"int8-{'structured' if structured else 'unstructured'}/{name}"]
+            if t.dim() != 2:
+                assert torch.equal(got, t)
+                continue
+            step = t.float().abs().amax(1, keepdim=True) / 127
+            close = (got.float() - t.float()).abs() <= step / 2 + t.float().abs() * 2 ** -7
+            assert bool((close | (step < 2.0 ** -126)).all()), name  # a row with a subnormal scale is stored as zeros
+    tiny = MG.int8_tensors(False)["tiny.weight"]
+    assert bool(tiny[0].ne(0).any()) and not bool(expected["int8-unstructured/tiny.weight"][0].ne(0).any())
+    assert int((MG.int8_tensors(False)["f32.weight"] != 0).sum()) > int((expected["int8-unstructured/f32.weight"] != 0).sum())
+    assert {t.dtype for t in MG.int8_tensors(True).values()} >= {torch.float32, torch.float16, torch.bfloat16}
+
+
 def test_writer_reproduces_golden_bytes(tmp_path):
     MG.write(tmp_path)
-    for name in [*MG.FILES.values(), "expected.safetensors"]:
+    for name in [*MG.FILES.values(), *MG.EXPECTED_FILES]:
         assert (tmp_path / name).read_bytes() == (GOLDEN / name).read_bytes(), f"{name} drifted; see formats/README.md"
 
 
@@ -68,6 +87,10 @@ SPEC_EXAMPLES = {  # the worked examples in formats/*.md, byte for byte
                           "fce3852dccfb36301718f5af865e00043d78d77f022f4eea6a1296f900f139e7"),
     "ct-sparse-24-bitmask": ({"shape": "0200000000000000" "0800000000000000", "compressed": "0000003c00c000420000000000000038",
                               "bitmask": "9393"}, {}, "8046e5dbb914c7abc741b05be69e1bf2eb991c5f437e5f060bd2a4a1867923b1"),
+    "bitmask-int8": ({"values": "2aab7f7f", "mask": "9280", "row_offsets": "000304", "scales": "0683c13c" "0402813b"}, {},
+                     "b20cd8ff8cd7d5210ae000fdba9179951db50185e1141b395c9115aa503b56be"),
+    "2:4-int8": ({"values": "002aab7f" "0000007f", "positions": "c4c4", "scales": "0683c13c" "0402813b"}, {},
+                 "f26a1af661dc05afe38cbb30daae87b835dde491f3835905ad73ee271d18fc66"),
 }
 
 
@@ -81,5 +104,6 @@ def test_spec_worked_examples(fmt):
     assert {k: bytes(raw_bytes(v)).hex() for k, v in packed.components.items()} == comps
     assert packed.params == params
     assert packed.sha256("example.weight") == digest
-    docs = (GOLDEN.parent / ("24.md" if fmt == "2:4" else "ct.md" if fmt.startswith("ct-") else f"{fmt}.md")).read_text()
+    doc = "24.md" if fmt == "2:4" else "ct.md" if fmt.startswith("ct-") else "int8.md" if fmt.endswith("-int8") else f"{fmt}.md"
+    docs = (GOLDEN.parent / doc).read_text()
     assert digest in docs

@@ -23,8 +23,19 @@ FILES = {  # format -> file name (no ':' in file names)
     "2:4": "24.safetensors",
     "ct-sparse-bitmask": "ct-sparse-bitmask.safetensors",
     "ct-sparse-24-bitmask": "ct-sparse-24-bitmask.safetensors",
+    "bitmask-int8": "bitmask-int8.safetensors",
+    "2:4-int8": "24-int8.safetensors",
 }
-STRUCTURED = ("2:4", "ct-sparse-24-bitmask")
+STRUCTURED = ("2:4", "ct-sparse-24-bitmask", "2:4-int8")
+QUANTIZED = ("bitmask-int8", "2:4-int8")  # lossy: they decode to the int8 expectation, not to their input
+EXPECTED_FILES = ("expected.safetensors", "expected-int8.safetensors")
+
+
+def prefix(fmt: str) -> str:
+    """Where a format's golden tensors sit in the expected files: `[int8-]structured/NAME` or
+    `[int8-]unstructured/NAME`."""
+    layout = "structured" if fmt in STRUCTURED else "unstructured"
+    return f"int8-{layout}" if fmt in QUANTIZED else layout
 
 
 def _lcg(seed: int):
@@ -91,6 +102,44 @@ def tensors(structured: bool) -> dict[str, torch.Tensor]:
     }
 
 
+def int8_tensors(structured: bool) -> dict[str, torch.Tensor]:
+    """The int8 formats' inputs: the golden tensors with NaN and infinity (which int8 cannot hold)
+    replaced by finite values (the large one makes small weights of its row quantize to zero),
+    plus a row whose scale would be subnormal (stored as scale 0)."""
+    out = {n: torch.nan_to_num(t, nan=0.75, posinf=100.0) for n, t in tensors(structured).items()}
+    out["tiny.weight"] = torch.tensor([[0, 1e-37, 0, -3e-37, 0, 0, 0, 0], [0, 2.0, 0, 0, 0, 0, -0.25, 0.001]], dtype=torch.float32)
+    return out
+
+
+def int8_reference(t: torch.Tensor) -> torch.Tensor:
+    """What the int8 formats decode `t` to (formats/int8.md), written from the spec, apart from seftc's code."""
+    if t.dim() != 2:
+        return t
+    x = t.float()
+    scale = x.abs().amax(dim=1) / 127
+    scale = torch.where(scale >= 2.0 ** -126, scale, torch.zeros_like(scale))
+    q = torch.where(scale[:, None] > 0, torch.round(x / torch.where(scale > 0, scale, 1.0)[:, None]), torch.zeros_like(x))
+    return (q * scale[:, None] + 0.0).to(t.dtype)  # + 0.0: an int8 zero decodes to +0.0, never -0.0
+
+
+def expected_int8() -> dict[str, torch.Tensor]:
+    out = {}
+    for structured, layout in ((False, "unstructured"), (True, "structured")):
+        for name, t in int8_tensors(structured).items():
+            out[f"int8-{layout}/{name}"] = int8_reference(t)
+    return out
+
+
+def load_expected(folder: Path = GOLDEN) -> dict[str, torch.Tensor]:
+    """Every expected tensor, keyed `prefix(fmt)/NAME`."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for name in EXPECTED_FILES:
+        out.update(load_file(str(folder / name)))
+    return out
+
+
 def expected() -> dict[str, torch.Tensor]:
     out = {}
     for structured, prefix in ((False, "unstructured"), (True, "structured")):
@@ -109,11 +158,13 @@ def write(out: Path) -> list[Path]:
     written = []
     for fmt, filename in FILES.items():
         packed = {}
-        for name, t in tensors(fmt in STRUCTURED).items():
+        source = int8_tensors if fmt in QUANTIZED else tensors
+        for name, t in source(fmt in STRUCTURED).items():
             packed[name] = t if t.dim() != 2 else get_codec(fmt).from_dense(t)
         written.append(save_packed(out / filename, packed))
-    save_file(expected(), str(out / "expected.safetensors"))
-    written.append(out / "expected.safetensors")
+    for name, tensors_ in zip(EXPECTED_FILES, (expected(), expected_int8())):
+        save_file(tensors_, str(out / name))
+        written.append(out / name)
     return written
 
 

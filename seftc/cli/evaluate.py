@@ -20,15 +20,13 @@ from seftc.compress.recipe import EvalStage, ModelStage
 @device_option
 @user_errors
 def evaluate(model: str, as_json: bool, trust_remote_code: bool, max_memory: str | None, device: str | None, **options: Any) -> None:
-    """Perplexity and zero-shot accuracy of MODEL (a folder, .safetensors, .gguf, or 'default')."""
+    """Perplexity and zero-shot accuracy of MODEL (a folder, a packed folder (run on the sparse runtime), .safetensors, .gguf, or 'default')."""
     from seftc.errors import SeftcError
     from seftc.eval.suite import plan, run
 
     todo = plan(**from_options(EvalStage, "eval", options).model_dump())
 
     from transformers.utils import logging as hf_logging
-
-    from seftc.models.loading import load_model
 
     hf_logging.disable_progress_bar()  # stderr carries only our bars, or one error line
     hf_logging.set_verbosity_error()
@@ -40,12 +38,12 @@ def evaluate(model: str, as_json: bool, trust_remote_code: bool, max_memory: str
 
         shape = model_shape(model, trust_remote_code=trust_remote_code)[0]
         check_fits(plan_eval(shape, batch_size=todo.batch_size or (4 if todo.text is not None else 16), seqlen=todo.seqlen), max_memory)
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
-    loaded.model.to(dev)
-    if loaded.tokenizer is None:
+    net, tokenizer = _load(model, trust_remote_code)
+    net.to(dev)
+    if tokenizer is None:
         raise SeftcError(f"{model} has no tokenizer; save one beside the model (tokenizer.json / tokenizer_config.json)")
     with progress_bars() as bars:
-        out = run(loaded.model, loaded.tokenizer, todo, bars)
+        out = run(net, tokenizer, todo, bars)
     out["model"] = model
     if as_json:
         print_json(out)
@@ -62,3 +60,24 @@ def evaluate(model: str, as_json: bool, trust_remote_code: bool, max_memory: str
     for k, r in out["tasks"].items():
         table.add_row(f"{k} acc", f"{r['acc']:.4f}", f"{r['acc_stderr']:.4f}", str(r["n"]))
     stdout.print(table)
+
+
+def _load(model: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    """MODEL and its tokenizer. A packed folder (`seftc pack`, int8 included) runs on the sparse
+    runtime, as `seftc.load_sparse` + `sparsify_model` run it: what is measured is what is served."""
+    from pathlib import Path
+
+    from seftc.runtime.convert import is_packed_folder
+
+    path = Path(model).expanduser()
+    if path.is_dir() and is_packed_folder(path):
+        from seftc.cli.common import note_checksums
+        from seftc.runtime.convert import load_runtime_pair
+
+        pair = load_runtime_pair(model, need_dense=False, require_sparse=False, trust_remote_code=trust_remote_code)
+        note_checksums(pair.checksums or "verified")
+        return pair.sparse, pair.tokenizer
+    from seftc.models.loading import load_model
+
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    return loaded.model, loaded.tokenizer

@@ -26,17 +26,21 @@ def inspect_cmd(model: str, include: tuple[str, ...], ignore: tuple[str, ...], a
         print_json(info)
         return
     table = Table(title=f"{info['model']} ({info['architecture']})")
-    for col in ("layer", "shape", "nonzero", "sparsity", "pattern"):
-        table.add_column(col, justify="left" if col in ("layer", "pattern") else "right")
+    cols = ("layer", "shape", "nonzero", "sparsity", "pattern") + (("format", "B/weight") if info["packed"] else ())
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("layer", "pattern", "format") else "right")
     for row in info["layers"]:
         ok = row.get("claimed_pattern_holds", True)
         pattern = row["pattern"] if ok else f"[red]{row['pattern']} (claimed {info['claimed_pattern']} broken)[/red]"
-        table.add_row(row["name"], "×".join(map(str, row["shape"])), f"{row['nonzero']:,}", f"{row['sparsity']:.2%}", pattern)
+        stored = (row["format"], f"{row['bytes_per_weight']:.3f}") if info["packed"] else ()
+        table.add_row(row["name"], "×".join(map(str, row["shape"])), f"{row['nonzero']:,}", f"{row['sparsity']:.2%}", pattern, *stored)
     stdout.print(table)
     p, b = info["params"], info["bytes"]
     stdout.print(
         f"target sparsity {info['sparsity']:.2%} over {p['target']:,} weights · parameters {p['total']:,} ({p['nonzero']:,} non-zero) · "
-        f"tensors {b['tensors_in_memory'] / 2**20:.1f} MiB in memory, {b['on_disk'] / 2**20:.1f} MiB on disk"
+        f"tensors {b['tensors_in_memory'] / 2**20:.1f} MiB in memory, {b['on_disk'] / 2**20:.1f} MiB on disk · "
+        f"{b['per_target_weight']:.3f} B/weight stored in the target layers"
+        + (f" (packed, quantize {info['packed']['quantize']})" if info["packed"] else "")
     )
     if info["claimed_pattern_holds"] is False:
         stdout.print(f"[red]the manifest claims {info['claimed_pattern']}, but some layers break it[/red]")

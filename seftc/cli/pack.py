@@ -24,7 +24,8 @@ def pack(model: str, output: str, force: bool, as_json: bool, trust_remote_code:
 
     opts = from_options(PackStage, "pack", options)
     with progress_bars(not as_json) as bars:
-        result = pack_folder(model, output, opts.format, force=force, exact_zeros=opts.exact_zeros, trust_remote_code=trust_remote_code,
+        result = pack_folder(model, output, opts.format, force=force, exact_zeros=opts.exact_zeros, quantize=opts.quantize,
+                             trust_remote_code=trust_remote_code,
                              progress=bars, max_shard_size=max_shard_size)
     for w in result.warnings:
         stderr.print(f"[yellow]note:[/yellow] {w}")
@@ -34,8 +35,9 @@ def pack(model: str, output: str, force: bool, as_json: bool, trust_remote_code:
     else:
         formats = ", ".join(f"{n} {f}" for f, n in sorted(s["formats"].items()))
         ratio = f"{s['ratio']:.3f}" if s["ratio"] is not None else "n/a"
+        per_weight = f", {s['bytes_per_weight']:.3f} B/weight in the sparse tensors" if s["bytes_per_weight"] is not None else ""
         stderr.print(f"[green]packed[/green] {s['tensors']} tensors ({formats}): {s['file_bytes']:,} bytes on disk, "
-                     f"{ratio} of dense, in {s['elapsed_s']:.1f} s → {result.output}")
+                     f"{ratio} of dense{per_weight}, in {s['elapsed_s']:.1f} s → {result.output}")
 
 
 @click.command("unpack")

@@ -141,7 +141,7 @@ def compress(
         def do_pack(tmp: Path) -> dict[str, Any]:
             from seftc.formats.packing import pack_folder
 
-            result = pack_folder(models[final], tmp / "model", pack_opts.format, exact_zeros=pack_opts.exact_zeros,
+            result = pack_folder(models[final], tmp / "model", pack_opts.format, exact_zeros=pack_opts.exact_zeros, quantize=pack_opts.quantize,
                                  trust_remote_code=m.trust_remote_code, progress=progress)
             return {"summary": result.summary(), "tensors": {k: vars(v) for k, v in result.tensors.items()}}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from seftc.config_types import Count, NonNegativeCount, PositiveFloat, SeqLen, Seed, Sparsity, Threads, described, parse_counts
 from seftc.errors import SeftcError, validated
@@ -27,6 +27,7 @@ class _Strict(BaseModel):
 
 
 PACK_FORMATS = ("auto", "2:4", "bitmask", "csr", "rice", "ct-sparse-bitmask", "ct-sparse-24-bitmask")  # = formats.registry.CHOICES
+PACK_QUANTIZE = ("none", "int8")  # = formats.registry.QUANTIZE
 
 
 class ModelStage(_Strict):
@@ -71,6 +72,17 @@ class PackStage(_Strict):
     format: Literal[PACK_FORMATS] = described("auto", "auto: the smallest valid format per tensor; ct-*: compressed-tensors' "  # type: ignore[valid-type]
                                        "layouts, loadable by its tools.")
     exact_zeros: bool = described(False, "Keep -0.0 weights as stored values (bit-exact; costs space).")
+    quantize: Literal[PACK_QUANTIZE] = described("none", "int8: store the sparse weights' values as int8 with one scale per "  # type: ignore[valid-type]
+                                          "row (bitmask and 2:4 layouts; lossy; ~0.43 B/weight at 70% sparsity).")
+
+    @model_validator(mode="after")
+    def _quantize_applies(self) -> "PackStage":
+        from seftc.formats.registry import quantize_problem
+
+        problem = quantize_problem(self.format, self.quantize)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class ExportStage(_Strict):

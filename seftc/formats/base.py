@@ -188,9 +188,7 @@ class Analysis:
     @cached_property
     def row_offsets(self) -> np.ndarray:
         """int64 [R+1]: where each row's values start; the last entry is nnz."""
-        out = np.zeros(self.rows + 1, dtype=np.int64)
-        np.cumsum(np.count_nonzero(self.mask, axis=1), out=out[1:])
-        return out
+        return row_offsets_of(self.mask)
 
     @cached_property
     def group_codes(self) -> np.ndarray:
@@ -200,18 +198,40 @@ class Analysis:
     @cached_property
     def is_24(self) -> bool:
         """At most two non-zeros in every aligned group of four along each row."""
-        if self.cols % 4:
-            return False
-        return bool((_POP2[self.group_codes]).all())
+        return holds_24(self.group_codes, self.cols)
 
     def keep24(self, table: np.ndarray) -> np.ndarray:
-        """uint8 [R, ceil(C/8)]: `table[nibble]` for both groups of each mask byte (see
-        KEEP24_*); the high nibble of a row's last byte is zero when C % 8 == 4."""
-        codes = self.group_codes
-        out = table[codes & 15] | (table[codes >> 4] << 4)
-        if self.cols % 8 == 4 and self.rows:
-            out[:, -1] &= 15
-        return out
+        """uint8 [R, ceil(C/8)]: `table[nibble]` for both groups of each mask byte (see KEEP24_*)."""
+        return keep24_of(self.group_codes, self.cols, table)
+
+    @cached_property
+    def int8(self) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """(int8 [R, C], float32 [R]): the tensor quantized per row (formats/int8.md), or None
+        when it holds NaN or infinity, which int8 cannot represent."""
+        from seftc.formats.quantize import quantize_rows
+
+        return quantize_rows(self.tensor)
+
+
+def row_offsets_of(mask: np.ndarray) -> np.ndarray:
+    """int64 [R+1] from a bool [R, C] mask: where each row's entries start; the last is the total."""
+    out = np.zeros(mask.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.count_nonzero(mask, axis=1), out=out[1:])
+    return out
+
+
+def holds_24(group_codes: np.ndarray, cols: int) -> bool:
+    """Whether a packed mask has at most two bits in every aligned group of four (and C % 4 == 0)."""
+    return cols % 4 == 0 and bool(_POP2[group_codes].all())
+
+
+def keep24_of(group_codes: np.ndarray, cols: int, table: np.ndarray) -> np.ndarray:
+    """uint8 [R, ceil(C/8)]: `table[nibble]` for both groups of each packed-mask byte (see
+    KEEP24_*); the high nibble of a row's last byte is zero when C % 8 == 4."""
+    out = table[group_codes & 15] | (table[group_codes >> 4] << 4)
+    if cols % 8 == 4 and out.shape[0]:
+        out[:, -1] &= 15
+    return out
 
 
 def _keep24_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -281,6 +301,7 @@ class Codec:
     components: ClassVar[tuple[str, ...]]
     params: ClassVar[tuple[str, ...]] = ()
     sparse: ClassVar[bool] = True
+    quantized: ClassVar[bool] = False  # lossy (int8 values + scales): decode(encode(t)) approximates t
 
     def key(self, name: str, comp: str) -> str:
         """The safetensors key of component `comp` of tensor `name`."""
@@ -307,8 +328,12 @@ class Codec:
         raise NotImplementedError
 
     def packed(self, a: Analysis, comps: dict[str, np.ndarray | torch.Tensor], params: dict[str, int] | None = None) -> PackedTensor:
+        return self.packed_as((a.rows, a.cols), a.dtype, comps, params)
+
+    def packed_as(self, shape: tuple[int, ...], dtype: torch.dtype, comps: dict[str, np.ndarray | torch.Tensor],
+                  params: dict[str, int] | None = None) -> PackedTensor:
         tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in comps.items()}
-        return PackedTensor(self.name, (a.rows, a.cols), a.dtype, tensors, dict(params or {}))
+        return PackedTensor(self.name, tuple(int(d) for d in shape), dtype, tensors, dict(params or {}))
 
     def from_dense(self, tensor: torch.Tensor | Analysis) -> PackedTensor:
         a = tensor if isinstance(tensor, Analysis) else Analysis(tensor)
@@ -319,13 +344,17 @@ class Codec:
 
     def decode(self, p: PackedTensor, name: str = "<tensor>") -> torch.Tensor:
         """Validate `p` and return the dense tensor; FormatError on anything malformed."""
+        return self._decode(p, self._checked(p, name))
+
+    def _checked(self, p: PackedTensor, name: str) -> "Errors":
+        """Check `p`'s format, header and component names; the error reporter for the rest."""
         err = Errors(name, self.name)
         if p.format != self.name:
             err(f"is format {p.format!r}, not {self.name!r}")
         self.check_header(p, err)
         if sorted(p.components) != sorted(self.components):
             err(f"components {sorted(p.components)} do not match {list(self.components)}")
-        return self._decode(p, err)
+        return err
 
     def check_header(self, p: PackedTensor, err: "Errors") -> None:
         if self.sparse:

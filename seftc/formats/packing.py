@@ -23,7 +23,7 @@ from seftc.formats.base import ST_DTYPES, VALUE_DTYPES, Analysis, PackedTensor, 
 from seftc.formats.ct import ct_format, sparsity_config
 from seftc.formats.io import PackedReader, PackedWriter
 from seftc.formats.shards import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, ShardedWriter, checkpoint_files
-from seftc.formats.registry import CHOICES, CT_LAYOUT, choose, get_codec
+from seftc.formats.registry import CHOICES, CT_LAYOUT, candidates, choose, get_codec, quantize_problem
 from seftc.models.saving import writes_outputs
 from seftc.progress import NO_PROGRESS, ProgressSink
 from seftc.sizes import parse_size
@@ -59,10 +59,17 @@ class PackResult:
     file_bytes: int
     elapsed_s: float
     warnings: list[str] = field(default_factory=list)
+    quantize: str = "none"  # or "int8": the sparse tensors' values (formats/int8.md)
 
     @property
     def bytes(self) -> int:
         return sum(r.bytes for r in self.tensors.values())
+
+    @property
+    def bytes_per_weight(self) -> float | None:
+        """Stored bytes per weight of the tensors kept in a sparse format (values, positions,
+        scales: everything stored for them), e.g. ~0.43 at 70 % sparsity with int8."""
+        return bytes_per_weight(self.tensors.values())
 
     @property
     def dense_bytes(self) -> int:
@@ -73,6 +80,7 @@ class PackResult:
             "seftc_pack": PACK_VERSION,
             "layout": self.layout,
             "format": self.format,
+            "quantize": self.quantize,
             "files": self.files,
             "bytes": self.bytes,
             "dense_bytes": self.dense_bytes,
@@ -84,9 +92,11 @@ class PackResult:
         for r in self.tensors.values():
             counts[r.format] = counts.get(r.format, 0) + 1
         return {
-            "output": str(self.output), "layout": self.layout, "format": self.format, "formats": counts,
+            "output": str(self.output), "layout": self.layout, "format": self.format, "quantize": self.quantize, "formats": counts,
             "tensors": len(self.tensors), "bytes": self.bytes, "dense_bytes": self.dense_bytes, "file_bytes": self.file_bytes,
-            "ratio": round(self.bytes / self.dense_bytes, 6) if self.dense_bytes else None, "elapsed_s": round(self.elapsed_s, 3),
+            "ratio": round(self.bytes / self.dense_bytes, 6) if self.dense_bytes else None,
+            "bytes_per_weight": None if self.bytes_per_weight is None else round(self.bytes_per_weight, 4),
+            "elapsed_s": round(self.elapsed_s, 3),
             "warnings": self.warnings,
         }
 
@@ -102,6 +112,14 @@ class UnpackResult:
     def summary(self) -> dict[str, Any]:
         return {"output": str(self.output), "tensors": self.tensors, "file_bytes": self.file_bytes, "elapsed_s": round(self.elapsed_s, 3),
                 "checksums": self.checksums}
+
+
+def bytes_per_weight(records: Any) -> float | None:
+    """Stored bytes per weight over the records (TensorRecord or manifest dicts) kept in a sparse format."""
+    sparse = [r if isinstance(r, dict) else asdict(r) for r in records]
+    sparse = [r for r in sparse if r["format"] != "dense"]
+    weights = sum(int(np.prod(r["shape"])) for r in sparse)
+    return sum(r["bytes"] for r in sparse) / weights if weights else None
 
 
 def is_candidate(name: str, t: torch.Tensor) -> bool:
@@ -120,20 +138,24 @@ def clear_negative_zeros(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def pack_tensor(name: str, t: torch.Tensor, fmt: str = "auto", exact_zeros: bool = False,
-                only_if_smaller: bool = True) -> tuple[PackedTensor, TensorRecord]:
+                only_if_smaller: bool = True, quantize: str = "none") -> tuple[PackedTensor, TensorRecord]:
     """Choose a format for one tensor and pack it: dense when it is not a candidate or has no
-    zeros, and (unless `only_if_smaller` is False) when no format is smaller than dense."""
+    zeros, and (unless `only_if_smaller` is False) when no format is smaller than dense. With
+    quantize="int8" a sparse tensor goes into the int8 variant of its layout (formats/int8.md)."""
     negative = 0
     if is_candidate(name, t):
         if not exact_zeros:
             t, negative = clear_negative_zeros(t)
         a = Analysis(t)
+        if quantize != "none" and a.nnz < a.numel and a.int8 is None:
+            raise SeftcError(f"tensor {name!r} holds NaN or infinite values, which int8 cannot represent; pack without --quantize")
+        named = candidates(fmt, quantize)[0] if fmt != "auto" else None
         if a.nnz == a.numel:
             chosen = "dense"
-        elif not only_if_smaller and fmt != "auto" and get_codec(fmt).fits(a):
-            chosen = fmt
+        elif not only_if_smaller and named is not None and get_codec(named).fits(a):
+            chosen = named
         else:
-            chosen = choose(a, fmt, name)
+            chosen = choose(a, fmt, name, quantize)
         packed = get_codec(chosen).encode(a)
         nonzero = a.nnz
     else:
@@ -236,18 +258,23 @@ def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
 
 @writes_outputs
 def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = "auto", *, force: bool = False,
-                exact_zeros: bool = False, only_if_smaller: bool = True, trust_remote_code: bool = False,
+                exact_zeros: bool = False, only_if_smaller: bool = True, quantize: str = "none", trust_remote_code: bool = False,
                 progress: ProgressSink = NO_PROGRESS, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> PackResult:
     """Pack MODEL (a folder, sharded or not, a .safetensors beside its config.json, or `default`)
     into OUTPUT, in shards of at most `max_shard_size` bytes.
 
     `fmt` is `auto` or a format name (see `registry.CHOICES`); a named format is used for every
-    candidate tensor it can hold and, with `only_if_smaller`, where it is smaller than dense."""
+    candidate tensor it can hold and, with `only_if_smaller`, where it is smaller than dense.
+    `quantize="int8"` stores the sparse tensors' values as int8 with per-row scales (the `bitmask`
+    and `2:4` layouts only: `fmt` auto, bitmask or 2:4; formats/int8.md)."""
     from seftc.models.loading import resolve_model
     from seftc.models.saving import atomic_folder, check_output
 
     if fmt not in CHOICES:
         raise SeftcError(f"unknown format {fmt!r}; choose one of {', '.join(CHOICES)}")
+    problem = quantize_problem(fmt, quantize)
+    if problem:
+        raise SeftcError(problem)
     ref = resolve_model(model, trust_remote_code=trust_remote_code)
     if ref.kind == "gguf":
         raise SeftcError("pack reads safetensors weights; load the .gguf and save it as a model folder first")
@@ -270,7 +297,7 @@ def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = 
     with atomic_folder(out) as tmp:
         with ShardedWriter(tmp, prefix, shard_bytes, PackedWriter) as writer:
             for key, tensor in iter_tensors(files):
-                packed, rec = pack_tensor(key, tensor, fmt, exact_zeros, only_if_smaller)
+                packed, rec = pack_tensor(key, tensor, fmt, exact_zeros, only_if_smaller, quantize)
                 writer.add(key, packed, packed.nbytes)
                 records[key] = rec
                 del tensor, packed
@@ -286,7 +313,7 @@ def pack_folder(model: str | os.PathLike, output: str | os.PathLike, fmt: str = 
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         warnings += _copy_side_files(folder, tmp, {"config.json", PACK_MANIFEST})
         result = PackResult(out, "compressed-tensors" if ct else "seftc", fmt, writer.files, records,
-                            sum((tmp / f).stat().st_size for f in writer.files), time.perf_counter() - start, warnings)
+                            sum((tmp / f).stat().st_size for f in writer.files), time.perf_counter() - start, warnings, quantize)
         (tmp / PACK_MANIFEST).write_text(json.dumps(result.manifest(), indent=2) + "\n", encoding="utf-8")
     return result
 

@@ -10,14 +10,37 @@ from seftc.formats.bitmask import BITMASK
 from seftc.formats.csr import CSR_CODEC
 from seftc.formats.ct import CT_24_BITMASK, CT_BITMASK
 from seftc.formats.dense import DENSE
+from seftc.formats.int8 import BITMASK_INT8, TWO_FOUR_INT8
 from seftc.formats.rice import RICE
 from seftc.formats.two_four import TWO_FOUR
 
-CODECS: dict[str, Codec] = {c.name: c for c in (DENSE, TWO_FOUR, BITMASK, CSR_CODEC, RICE, CT_BITMASK, CT_24_BITMASK)}
+CODECS: dict[str, Codec] = {c.name: c for c in (DENSE, TWO_FOUR, BITMASK, CSR_CODEC, RICE, CT_BITMASK, CT_24_BITMASK,
+                                                TWO_FOUR_INT8, BITMASK_INT8)}
 # what `auto` chooses among; on a tie the earlier one wins
 AUTO_CANDIDATES = ("2:4", "bitmask", "csr", "rice")
 CT_LAYOUT = ("ct-sparse-bitmask", "ct-sparse-24-bitmask")
 CHOICES = ("auto", "2:4", "bitmask", "csr", "rice", *CT_LAYOUT)
+QUANTIZE = ("none", "int8")  # `seftc pack --quantize`
+INT8_OF = {"2:4": "2:4-int8", "bitmask": "bitmask-int8"}  # the layouts int8 applies to, and their int8 formats
+
+
+def quantize_problem(fmt: str, quantize: str) -> str | None:
+    """Why `--quantize` cannot apply with `--format fmt`, or None."""
+    if quantize not in QUANTIZE:
+        return f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}"
+    if quantize == "int8" and fmt != "auto" and fmt not in INT8_OF:
+        return (f"--quantize int8 applies to the {' and '.join(INT8_OF)} layouts, not to --format {fmt}; "
+                f"use --format auto, {' or '.join(INT8_OF)}")
+    return None
+
+
+def candidates(fmt: str = "auto", quantize: str = "none") -> tuple[str, ...]:
+    """The formats `fmt` (auto or a name) stands for, in tie-break order; their int8 variants
+    with quantize="int8"."""
+    names = AUTO_CANDIDATES if fmt == "auto" else (get_codec(fmt).name,)
+    if quantize == "int8":
+        names = tuple(INT8_OF[n] for n in names if n in INT8_OF)
+    return names
 
 
 def get_codec(name: str) -> Codec:
@@ -39,12 +62,12 @@ _HEADER_PER_COMPONENT = 64  # '"NAME.comp":{"dtype":"U8","shape":[..],"data_offs
 _HEADER_PER_PARAM = 16
 
 
-def choose(a: Analysis, fmt: str = "auto", name: str = "") -> str:
+def choose(a: Analysis, fmt: str = "auto", name: str = "", quantize: str = "none") -> str:
     """The format to store `a` in: with `auto` the smallest valid sparse format, with a named
-    format that one where it holds the tensor; `dense` whenever nothing is smaller than dense."""
-    names = AUTO_CANDIDATES if fmt == "auto" else (get_codec(fmt).name,)
+    format that one where it holds the tensor (their int8 variants with quantize="int8");
+    `dense` whenever nothing is smaller than dense."""
     best, best_size = "dense", stored_bytes(get_codec("dense"), a, name)
-    for candidate in names:
+    for candidate in candidates(fmt, quantize):
         codec = get_codec(candidate)
         if codec.min_bytes(a) >= best_size or not codec.fits(a):
             continue

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from seftc.formats.base import KEEP24_MASK, KEEP24_PAIRS, Analysis, Codec, Errors, PackedTensor, scatter_dense, unpack_bits, values_tensor
+from seftc.formats.base import (KEEP24_MASK, KEEP24_PAIRS, Analysis, Codec, Errors, PackedTensor, keep24_of, scatter_dense, unpack_bits,
+                                values_tensor)
 
 
 class TwoFour(Codec):
@@ -23,27 +24,47 @@ class TwoFour(Codec):
         return self.packed(a, {"values": values_tensor(kept_values(a), a.dtype), "positions": positions})
 
     def _decode(self, p: PackedTensor, err: Errors) -> torch.Tensor:
-        rows, cols = p.shape
-        if cols % 4:
-            err(f"has {cols} columns, not a multiple of 4")
-        values = err.comp(p, "values", (p.dtype,), (rows, cols // 2))
-        packed = err.comp(p, "positions", (torch.uint8,), (rows, (cols + 7) // 8))
-        if cols % 8 and rows and bool((packed[:, -1] >> 4).any()):
-            err("component 'positions' has bits set past the last group")
-        pos = unpack_2bit(packed, cols // 2).reshape(rows, cols // 4, 2)
-        if bool((pos[..., 0] >= pos[..., 1]).any()):
-            err("component 'positions' has a group whose two positions are not strictly increasing")
-        index = pos + np.arange(0, cols, 4, dtype=np.int64).reshape(1, -1, 1) + np.arange(rows, dtype=np.int64).reshape(-1, 1, 1) * cols
-        out = scatter_dense((rows, cols), p.dtype, index.reshape(-1), values)
-        if not np.array_equal(Analysis(out).keep24(KEEP24_PAIRS), packed):
-            err("component 'positions' is not canonical: a group keeps a zero other than its lowest-index ones (formats/24.md)")
+        index, values, positions = read_24(p, err, p.dtype)
+        out = scatter_dense(p.shape, p.dtype, index, values)
+        check_kept(err, Analysis(out).group_codes, p.shape[1], positions)
         return out
+
+
+def read_24(p: PackedTensor, err: Errors, values_dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check the `values` / `positions` components of `p` (formats/24.md, Checks, all but the
+    canonical choice of kept zeros: `check_kept`) and return the row-major flat index of every
+    slot, the slot values (raw bits) and the packed positions."""
+    rows, cols = p.shape
+    if cols % 4:
+        err(f"has {cols} columns, not a multiple of 4")
+    values = err.comp(p, "values", (values_dtype,), (rows, cols // 2))
+    packed = err.comp(p, "positions", (torch.uint8,), (rows, (cols + 7) // 8))
+    if cols % 8 and rows and bool((packed[:, -1] >> 4).any()):
+        err("component 'positions' has bits set past the last group")
+    pos = unpack_2bit(packed, cols // 2).reshape(rows, cols // 4, 2)
+    if bool((pos[..., 0] >= pos[..., 1]).any()):
+        err("component 'positions' has a group whose two positions are not strictly increasing")
+    index = pos + np.arange(0, cols, 4, dtype=np.int64).reshape(1, -1, 1) + np.arange(rows, dtype=np.int64).reshape(-1, 1, 1) * cols
+    return index.reshape(-1), values, packed
+
+
+def check_kept(err: Errors, group_codes: np.ndarray, cols: int, positions: np.ndarray) -> None:
+    """The stored positions must be the decoded tensor's kept positions (packed mask `group_codes`)."""
+    if not np.array_equal(keep24_of(group_codes, cols, KEEP24_PAIRS), positions):
+        err("component 'positions' is not canonical: a group keeps a zero other than its lowest-index ones (formats/24.md)")
 
 
 def kept_values(a: Analysis) -> np.ndarray:
     """[R, C/2]: the values at each group's two kept positions (raw bits), row-major."""
-    kept = unpack_bits(a.keep24(KEEP24_MASK), a.cols)
-    return a.bits[kept].reshape(a.rows, a.cols // 2)
+    return kept_slots(a.bits, a.group_codes)
+
+
+def kept_slots(values: np.ndarray, group_codes: np.ndarray) -> np.ndarray:
+    """[R, C/2]: the entries of `values` [R, C] at each group's two kept positions (packed mask
+    `group_codes` of the non-zeros), row-major."""
+    rows, cols = values.shape
+    kept = unpack_bits(keep24_of(group_codes, cols, KEEP24_MASK), cols)
+    return values[kept].reshape(rows, cols // 2)
 
 
 def unpack_2bit(packed: np.ndarray, s: int) -> np.ndarray:

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from seftc.errors import SeftcError
-from seftc.runtime.convert import model_nbytes, prepare_prefill, weight_bytes_per_token
+from seftc.runtime.convert import is_sparse_linear, model_nbytes, prepare_prefill, weight_bytes_per_token
 from seftc.runtime.engine import cache_kwarg
-from seftc.runtime.linear import SparseLinear
 
 
 @dataclass
@@ -220,7 +219,7 @@ def _decode(dense: nn.Module, sparse: nn.Module, ids: torch.Tensor, cfg: BenchCo
 def bench_layers(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str, dtype: torch.dtype) -> list[LayerResult]:
     dense_modules = dict(dense.named_modules())
     results = []
-    layers = [(n, m) for n, m in sparse.named_modules() if isinstance(m, SparseLinear)]
+    layers = [(n, m) for n, m in sparse.named_modules() if is_sparse_linear(m)]
     if cfg.max_layers is not None:
         layers = layers[: cfg.max_layers]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -254,7 +253,7 @@ def bench_layers(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: 
 def bench_layers_in_model(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str, vocab: int) -> list[LayerResult]:
     """Per-layer time inside real batch-1 decode steps (forward hooks), where each layer's weights
     come from memory as in serving, not from a cache kept hot by repetition."""
-    names = [n for n, m in sparse.named_modules() if isinstance(m, SparseLinear)]
+    names = [n for n, m in sparse.named_modules() if is_sparse_linear(m)]
     dense_modules, sparse_modules = dict(dense.named_modules()), dict(sparse.named_modules())
     times: dict[str, dict[str, list[float]]] = {"dense": {n: [] for n in names}, "sparse": {n: [] for n in names}}
     handles = []

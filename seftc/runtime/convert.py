@@ -44,7 +44,12 @@ def sparsify_model(model: nn.Module, targets: Sequence[str] | None = None, *, ki
     for name, module in list(modules.items()):
         if type(module).__name__ == "PackedLinear" and hasattr(module, "packed"):
             packed = module.packed
-            sparse = SparseLinear.from_packed(packed, module.bias, name)
+            if packed.codec.quantized:  # int8 values: their own kernels (seftc.runtime.int8)
+                from seftc.runtime.int8 import SparseInt8Linear
+
+                sparse = SparseInt8Linear.from_packed(packed, module.bias, name)
+            else:
+                sparse = SparseLinear.from_packed(packed, module.bias, name)
             _set_module(model, name, sparse)
             result.converted.append(name)
             result.dense_bytes += packed.dense_bytes
@@ -96,13 +101,20 @@ def prepare_prefill(model: nn.Module, tokens: int = PREFILL_TOKENS, min_speedup:
     return decisions
 
 
+def is_sparse_linear(module: nn.Module) -> bool:
+    """A layer of the sparse runtime: `SparseLinear`, or `SparseInt8Linear` (int8 values)."""
+    from seftc.runtime.int8 import SparseInt8Linear
+
+    return isinstance(module, (SparseLinear, SparseInt8Linear))
+
+
 def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights a decode step reads: every linear-like layer's weight (the tied LM head
     counts the embedding matrix once), plus one embedding row per embedding table."""
     total = 0
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, SparseLinear):
+        if is_sparse_linear(module):
             total += module.layout.nbytes
         elif isinstance(module, nn.Linear):
             w = module.weight
@@ -138,7 +150,8 @@ class RuntimePair:
     checksums: str | None = None  # packed folders: "verified", or how a foreign one was read (seftc.formats.packing.FOREIGN)
 
 
-def _is_packed(folder) -> bool:
+def is_packed_folder(folder) -> bool:
+    """Whether `folder` is a packed model (seftc's, or a compressed-tensors one): read with load_sparse."""
     import os
     from pathlib import Path
 
@@ -185,7 +198,7 @@ def load_runtime_pair(spec: str, dtype: str = "auto", *, need_dense: bool = True
     torch_dtype = None if dtype == "auto" else _torch_dtype(dtype, torch.float32)  # auto: the checkpoint's dtype
     path = Path(str(spec)).expanduser()
     conversion = ConversionResult()
-    if path.is_dir() and _is_packed(path):
+    if path.is_dir() and is_packed_folder(path):
         from seftc.formats.packing import packed_files
         from seftc.formats.sparse_model import load_sparse
 

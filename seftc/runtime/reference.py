@@ -33,3 +33,14 @@ def sparse_linear(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, ro
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def sparse_linear_int8(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                       row_offsets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x @ Q^T) * scales + bias for int8 values Q in the same layout (formats/int8.md): the
+    products accumulate in fp32 and each row's sum is scaled once, as the kernels do."""
+    q = dense_weight(masks, values, row_offsets, x.shape[-1]).float()
+    y = (x.float() @ q.t()) * scales.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
