@@ -2,6 +2,7 @@
 kernel path against the PyTorch reference; whole packed models through load_sparse, bench and eval."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -112,7 +113,7 @@ def test_module_keeps_int8_values_and_fp32_scales_when_cast():
     with torch.no_grad():
         lin.weight.copy_(_weight(24, 64, 0.7))
     m = SparseInt8Linear.from_dense(lin)
-    m16 = m.to(torch.bfloat16)
+    m16 = copy.deepcopy(m).to(torch.bfloat16)
     assert m16.values.dtype == torch.int8 and m16.scales.dtype == torch.float32 and m16.bias.dtype == torch.bfloat16
     x = torch.randn(3, 64)
     q, s = quantize_rows(lin.weight.data)
