@@ -8,13 +8,18 @@
 //
 // One build runs everywhere: the ISA is chosen at run time (__builtin_cpu_supports) and each
 // SIMD path lives in functions compiled with their own target attribute.
+//   level 3: AVX-512 + AVX512-BF16       level 2, and bf16 prefill on vdpbf16ps (two columns per op)
 //   level 2: AVX-512 (F, BW, VL)        a masked expand (register form) decodes 16 values per mask word
 //   level 1: AVX2 + FMA                  a 256-entry shuffle table decodes 8 values per mask byte
 //   level 0: scalar                      bit iteration
 // Activations are converted once per call into a zero-padded fp32 buffer [T, 64*W]; tokens are
 // processed in tiles of up to 8, so each decoded weight vector serves up to 8 tokens. From 16 tokens
 // on (prefill) the AVX-512 path switches to a transposed-activation kernel whose work scales with
-// the stored values (see rows_prefill).
+// the stored values (see rows_prefill); with bf16 weights and activations and AVX512-BF16 it runs
+// on bf16 dot products of column pairs (see row_prefill_dpbf16).
+//
+// seftc_cpu::decompress writes the dense weight of a layout into a caller's buffer (fp32 or bf16):
+// the "decompress + dense GEMM" path of seftc.runtime.dispatch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -37,7 +42,7 @@ int64_t detect_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return 2;
+    return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
   return 0;
@@ -201,47 +206,161 @@ __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline void row_avx5
   }
 }
 
-// Prefill (many tokens), AVX-512: activations transposed to xt [Cp, Tp] (Tp = T rounded up to 16),
-// so each stored weight is broadcast once and multiplied into up to 64 tokens held in 4 registers:
-// the work is proportional to the stored values, not to the dense size. yt is [R, Tp].
+// Prefill (many tokens), AVX-512. Activations are laid out in panels: the tokens, padded to
+// Tp = nW * WT, are cut into nW windows of WT = 16*NZ tokens, and window w is a contiguous panel
+// [Cp, WT] (fp32). Each stored weight is broadcast once and multiplied into the WT tokens of its
+// column, held in NZ registers: the work is proportional to the stored values, not to the dense
+// size. Two sets of accumulators take alternate stored values, so that consecutive multiply-adds
+// into one register do not wait on each other's latency. yt is [R, Tp].
 template <bool BF16, int NZ>
 __attribute__((target("avx512f,avx512bw,avx512vl,popcnt,bmi,bmi2"))) void row_prefill_avx512(
-    const uint64_t* m, int64_t W, const void* vals, const float* xt, int64_t Tp, int64_t t0, float* yt) {
-  __m512 acc[NZ];
-  for (int i = 0; i < NZ; ++i) acc[i] = _mm512_setzero_ps();
+    const uint64_t* m, int64_t W, const void* vals, const float* panel, float* y) {
+  constexpr int64_t WT = 16 * NZ;
+  __m512 a0[NZ], a1[NZ];
+  for (int i = 0; i < NZ; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
   const float* pf = static_cast<const float*>(vals);
   const uint16_t* ph = static_cast<const uint16_t*>(vals);
-  const float* base = xt + t0;
   for (int64_t w = 0; w < W; ++w) {
     uint64_t bits = m[w];
     while (bits) {
-      const int64_t c = w * 64 + _tzcnt_u64(bits);
+      int64_t c = w * 64 + _tzcnt_u64(bits);
       bits = _blsr_u64(bits);
-      const __m512 v = _mm512_set1_ps(BF16 ? bf16_to_float(*ph++) : *pf++);
-      const float* xc = base + c * Tp;
-      for (int i = 0; i < NZ; ++i) acc[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), acc[i]);
+      __m512 v = _mm512_set1_ps(BF16 ? bf16_to_float(*ph++) : *pf++);
+      const float* xc = panel + c * WT;
+      for (int i = 0; i < NZ; ++i) a0[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), a0[i]);
+      if (!bits) break;
+      c = w * 64 + _tzcnt_u64(bits);
+      bits = _blsr_u64(bits);
+      v = _mm512_set1_ps(BF16 ? bf16_to_float(*ph++) : *pf++);
+      xc = panel + c * WT;
+      for (int i = 0; i < NZ; ++i) a1[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), a1[i]);
     }
   }
-  for (int i = 0; i < NZ; ++i) _mm512_storeu_ps(yt + t0 + 16 * i, acc[i]);
+  for (int i = 0; i < NZ; ++i) _mm512_storeu_ps(y + 16 * i, _mm512_add_ps(a0[i], a1[i]));
 }
 
-template <bool BF16>
-__attribute__((noinline)) void rows_prefill(const uint64_t* masks, const void* values, const int64_t* offsets, const float* xt,
-                                            float* yt, int64_t W, int64_t Tp, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const void* vals = BF16 ? static_cast<const void*>(static_cast<const uint16_t*>(values) + offsets[r])
-                            : static_cast<const void*>(static_cast<const float*>(values) + offsets[r]);
-    const uint64_t* m = masks + r * W;
-    float* y = yt + r * Tp;
-    for (int64_t t0 = 0; t0 < Tp; t0 += 64) {
-      switch (std::min<int64_t>(4, (Tp - t0) / 16)) {
-        case 1: row_prefill_avx512<BF16, 1>(m, W, vals, xt, Tp, t0, y); break;
-        case 2: row_prefill_avx512<BF16, 2>(m, W, vals, xt, Tp, t0, y); break;
-        case 3: row_prefill_avx512<BF16, 3>(m, W, vals, xt, Tp, t0, y); break;
-        default: row_prefill_avx512<BF16, 4>(m, W, vals, xt, Tp, t0, y); break;
-      }
+// Prefill with bf16 weights and activations on AVX512-BF16: panels of column pairs, [Cp/2, WT]
+// 32-bit words (bf16 of column 2j in the low half, 2j+1 in the high half). Each column pair holding
+// a stored value is one broadcast weight pair (a pair with one stored value gets a zero partner)
+// and one vdpbf16ps per 16 tokens: two columns per instruction, products exact in fp32, fp32
+// accumulation (denormal inputs and results flushed to zero, as the instruction does).
+constexpr uint32_t kPairKeep[4] = {0u, 0xffffu, 0xffffu, 0xffffffffu};
+constexpr int kPairShift[4] = {0, 0, 16, 0};
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,popcnt,bmi,bmi2"))) inline __m512i pair_weight(
+    uint64_t mw, unsigned j2, const uint16_t*& p) {
+  const unsigned two = static_cast<unsigned>(mw >> j2) & 3u;  // 1: even column, 2: odd, 3: both
+  uint32_t u;
+  std::memcpy(&u, p, 4);  // may read one value past the row: the buffer is padded
+  p += (two & 1u) + (two >> 1);
+  return _mm512_set1_epi32(static_cast<int>((u & kPairKeep[two]) << kPairShift[two]));
+}
+
+template <int NZ>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,popcnt,bmi,bmi2"))) void row_prefill_dpbf16(
+    const uint64_t* m, int64_t W, const uint16_t* vals, const uint32_t* panel, float* y) {
+  constexpr int64_t WT = 16 * NZ;
+  __m512 a0[NZ], a1[NZ];
+  for (int i = 0; i < NZ; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  const uint16_t* p = vals;
+  for (int64_t w = 0; w < W; ++w) {
+    const uint64_t mw = m[w];
+    uint64_t pairs = (mw | (mw >> 1)) & 0x5555555555555555ull;  // bit 2j: column pair j holds a value
+    const uint32_t* xw = panel + w * 32 * WT;
+    while (pairs) {
+      unsigned j2 = static_cast<unsigned>(_tzcnt_u64(pairs));
+      pairs = _blsr_u64(pairs);
+      __m512i wv = pair_weight(mw, j2, p);
+      const uint32_t* xc = xw + (j2 >> 1) * WT;
+      for (int i = 0; i < NZ; ++i)
+        a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xc + 16 * i));
+      if (!pairs) break;
+      j2 = static_cast<unsigned>(_tzcnt_u64(pairs));
+      pairs = _blsr_u64(pairs);
+      wv = pair_weight(mw, j2, p);
+      xc = xw + (j2 >> 1) * WT;
+      for (int i = 0; i < NZ; ++i)
+        a1[i] = _mm512_dpbf16_ps(a1[i], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xc + 16 * i));
     }
   }
+  for (int i = 0; i < NZ; ++i) _mm512_storeu_ps(y + 16 * i, _mm512_add_ps(a0[i], a1[i]));
+}
+
+// Prefill loop order. A thread's rows go in blocks whose stored weights stay in L2 (kBlockBytes);
+// inside a block, each window's panel (at most kWindowBytes, contiguous, so no cache-set aliasing)
+// sweeps the block's rows. (Row-outer order over a [Cp, Tp] buffer read all of it once per row,
+// at a 4 KB stride when Tp = 1024: megabytes per row from L3 at batch 16 x 64 tokens.)
+constexpr int64_t kBlockBytes = 192 * 1024;
+constexpr int64_t kWindowBytes = 384 * 1024;
+constexpr int kMaxNZ = 8;
+
+struct Windows {
+  int nz;      // registers (16 tokens each) per window
+  int64_t n;   // windows
+  int64_t Tp;  // padded tokens = n * 16 * nz
+};
+
+// Windows as equal as possible, each at most kMaxNZ registers and kWindowBytes of panel.
+Windows plan_windows(int64_t T, int64_t Cp, int64_t bytes_per_column_token) {
+  const int64_t groups = (T + 15) / 16;
+  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(kMaxNZ, kWindowBytes / std::max<int64_t>(1, Cp * 16 * bytes_per_column_token)));
+  const int64_t n = (groups + fit - 1) / fit;
+  const int nz = static_cast<int>((groups + n - 1) / n);
+  return {nz, n, n * 16 * nz};
+}
+
+template <class RowFn>
+void prefill_blocked(const int64_t* offsets, int64_t W, int64_t value_bytes, int64_t r0, int64_t r1, int64_t windows, RowFn row) {
+  for (int64_t rb = r0; rb < r1;) {
+    int64_t re = rb, bytes = 0;
+    while (re < r1 && (re == rb || bytes < kBlockBytes)) {
+      bytes += (offsets[re + 1] - offsets[re]) * value_bytes + W * 8;
+      ++re;
+    }
+    for (int64_t w = 0; w < windows; ++w)
+      for (int64_t r = rb; r < re; ++r) row(r, w);
+    rb = re;
+  }
+}
+
+#define SEFTC_NZ_SWITCH(nz, CALL) \
+  switch (nz) {                   \
+    case 1: CALL(1); break;       \
+    case 2: CALL(2); break;       \
+    case 3: CALL(3); break;       \
+    case 4: CALL(4); break;       \
+    case 5: CALL(5); break;       \
+    case 6: CALL(6); break;       \
+    case 7: CALL(7); break;       \
+    default: CALL(8); break;      \
+  }
+
+template <bool BF16>
+__attribute__((noinline)) void rows_prefill(const uint64_t* masks, const void* values, const int64_t* offsets, const float* panels,
+                                            float* yt, int64_t W, const Windows& win, int64_t r0, int64_t r1) {
+  const int64_t Cp = W * 64, WT = 16 * win.nz;
+  prefill_blocked(offsets, W, BF16 ? 2 : 4, r0, r1, win.n, [&](int64_t r, int64_t w) {
+    const void* vals = BF16 ? static_cast<const void*>(static_cast<const uint16_t*>(values) + offsets[r])
+                            : static_cast<const void*>(static_cast<const float*>(values) + offsets[r]);
+    const float* panel = panels + w * Cp * WT;
+    float* y = yt + r * win.Tp + w * WT;
+#define SEFTC_CALL(N) row_prefill_avx512<BF16, N>(masks + r * W, W, vals, panel, y)
+    SEFTC_NZ_SWITCH(win.nz, SEFTC_CALL)
+#undef SEFTC_CALL
+  });
+}
+
+__attribute__((noinline)) void rows_prefill_dpbf16(const uint64_t* masks, const uint16_t* values, const int64_t* offsets,
+                                                   const uint32_t* panels, float* yt, int64_t W, const Windows& win, int64_t r0,
+                                                   int64_t r1) {
+  const int64_t Cp = W * 64, WT = 16 * win.nz;
+  prefill_blocked(offsets, W, 2, r0, r1, win.n, [&](int64_t r, int64_t w) {
+    const uint32_t* panel = panels + w * (Cp / 2) * WT;
+    float* y = yt + r * win.Tp + w * WT;
+#define SEFTC_CALL(N) row_prefill_dpbf16<N>(masks + r * W, W, values + offsets[r], panel, y)
+    SEFTC_NZ_SWITCH(win.nz, SEFTC_CALL)
+#undef SEFTC_CALL
+  });
 }
 
 constexpr int64_t kPrefillMin = 16;  // tokens from which the transposed (prefill) kernel is used
@@ -253,7 +372,7 @@ inline void tile(const Job& j, int64_t r, int64_t t0, float* out) {
                           : static_cast<const void*>(static_cast<const float*>(j.values) + j.offsets[r]);
   const uint64_t* m = j.masks + r * j.W;
   const float* x = j.x + t0 * j.Cp;
-  if constexpr (ISA == 2)
+  if constexpr (ISA >= 2)
     row_avx512<BF16, NB>(m, j.W, vals, x, j.Cp, out);
   else
     row_avx2<BF16, NB>(m, j.W, vals, x, j.Cp, out);
@@ -284,13 +403,120 @@ __attribute__((noinline)) void rows_simd(const Job& j, int64_t r0, int64_t r1) {
 }
 
 void run_rows(int64_t isa, bool bf16, const Job& j, int64_t r0, int64_t r1) {
-  if (isa == 2) {
+  if (isa >= 2) {
     bf16 ? rows_simd<2, true>(j, r0, r1) : rows_simd<2, false>(j, r0, r1);
   } else if (isa == 1) {
     bf16 ? rows_simd<1, true>(j, r0, r1) : rows_simd<1, false>(j, r0, r1);
   } else {
     bf16 ? rows_scalar<true>(j, r0, r1) : rows_scalar<false>(j, r0, r1);
   }
+}
+
+constexpr int64_t kPad = 16;  // seftc/runtime/layouts.py PAD: SIMD decoders read up to 16 values past a row
+
+void check_padded(const char* op, const at::Tensor& v, const at::Tensor& o, int64_t R) {
+  const int64_t stored = o.data_ptr<int64_t>()[R];
+  TORCH_CHECK(o.data_ptr<int64_t>()[0] >= 0 && stored >= 0 && v.numel() >= stored + kPad, op, ": values hold ", v.numel(),
+              " entries; the layout stores ", stored, " and needs ", kPad, " padding entries after them (SparseLayout pads)");
+}
+
+// ---------------------------------------------------------------------------------- decompress
+// out [R, C] gets the dense weight (every position written, zeros included), in out's dtype.
+template <typename In, typename Out>
+void decompress_rows_scalar(const uint64_t* masks, const In* values, const int64_t* offsets, Out* out, int64_t W, int64_t C,
+                            int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    Out* dst = out + r * C;
+    std::fill(dst, dst + C, Out(0.f));
+    const In* p = values + offsets[r];
+    for (int64_t w = 0; w < W; ++w) {
+      uint64_t bits = masks[r * W + w];
+      while (bits) {
+        const int64_t c = w * 64 + __builtin_ctzll(bits);
+        bits &= bits - 1;
+        if (c < C) dst[c] = static_cast<Out>(static_cast<float>(*p));
+        ++p;
+      }
+    }
+  }
+}
+
+// MODE 0: fp32 -> fp32, 1: bf16 -> bf16, 2: bf16 -> fp32 (exact widening)
+template <int MODE>
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) void decompress_rows_avx512(
+    const uint64_t* masks, const void* values, const int64_t* offsets, void* out, int64_t W, int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t* m = masks + r * W;
+    const float* pf = static_cast<const float*>(values) + offsets[r];
+    const uint16_t* ph = static_cast<const uint16_t*>(values) + offsets[r];
+    float* of = static_cast<float*>(out) + r * C;
+    uint16_t* oh = static_cast<uint16_t*>(out) + r * C;
+    for (int64_t w = 0; w < W; ++w) {
+      const uint64_t mw = m[w];
+      for (int k = 0; k < 4; ++k) {
+        const int64_t col = w * 64 + 16 * k;
+        if (col >= C) break;
+        const __mmask16 st = C - col >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (C - col)) - 1);
+        const __mmask16 mk = static_cast<__mmask16>(mw >> (16 * k));
+        if (MODE == 0) {
+          __m512 raw = _mm512_loadu_ps(pf);
+          __asm__("" : "+v"(raw));  // register-form expand (see row_avx512)
+          _mm512_mask_storeu_ps(of + col, st, _mm512_maskz_expand_ps(mk, raw));
+          pf += _mm_popcnt_u32(mk);
+        } else {
+          __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph)));
+          __asm__("" : "+v"(wide));
+          ph += _mm_popcnt_u32(mk);
+          const __m512i e = _mm512_maskz_expand_epi32(mk, wide);
+          if (MODE == 1)
+            _mm256_mask_storeu_epi16(oh + col, st, _mm512_cvtepi32_epi16(e));
+          else
+            _mm512_mask_storeu_ps(of + col, st, _mm512_castsi512_ps(_mm512_slli_epi32(e, 16)));
+        }
+      }
+    }
+  }
+}
+
+void decompress_cpu(const at::Tensor& masks, const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& out) {
+  TORCH_CHECK(masks.dim() == 2 && masks.scalar_type() == at::kLong, "seftc_cpu::decompress: masks must be int64 [R, W]");
+  TORCH_CHECK(values.dim() == 1 && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "seftc_cpu::decompress: values must be a 1-D float32 or bfloat16 tensor");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "seftc_cpu::decompress: out must be a contiguous float32 or bfloat16 [R, C] tensor");
+  const int64_t R = masks.size(0), W = masks.size(1), C = out.size(1);
+  TORCH_CHECK(out.size(0) == R && W == (C + 63) / 64, "seftc_cpu::decompress: out is ", out.sizes(), ", the layout has ", R,
+              " rows of ", W, " mask words");
+  TORCH_CHECK(row_offsets.dim() == 1 && row_offsets.scalar_type() == at::kLong && row_offsets.numel() == R + 1,
+              "seftc_cpu::decompress: row_offsets must be int64 [R + 1]");
+  auto m = masks.contiguous();
+  auto v = values.contiguous();
+  auto o = row_offsets.contiguous();
+  check_padded("seftc_cpu::decompress", v, o, R);
+  if (R == 0 || C == 0) return;
+  const uint64_t* mp = reinterpret_cast<const uint64_t*>(m.data_ptr<int64_t>());
+  const int64_t* op = o.data_ptr<int64_t>();
+  const bool in16 = v.scalar_type() == at::kBFloat16, out16 = out.scalar_type() == at::kBFloat16;
+  const int64_t isa = active_isa();
+  const int64_t grain = std::max<int64_t>(1, 65536 / C);
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    if (isa >= 2 && (in16 || !out16)) {
+      if (!in16)
+        decompress_rows_avx512<0>(mp, v.data_ptr(), op, out.data_ptr(), W, C, r0, r1);
+      else if (out16)
+        decompress_rows_avx512<1>(mp, v.data_ptr(), op, out.data_ptr(), W, C, r0, r1);
+      else
+        decompress_rows_avx512<2>(mp, v.data_ptr(), op, out.data_ptr(), W, C, r0, r1);
+    } else if (in16 && out16) {
+      decompress_rows_scalar(mp, v.data_ptr<at::BFloat16>(), op, out.data_ptr<at::BFloat16>(), W, C, r0, r1);
+    } else if (in16) {
+      decompress_rows_scalar(mp, v.data_ptr<at::BFloat16>(), op, out.data_ptr<float>(), W, C, r0, r1);
+    } else if (out16) {
+      decompress_rows_scalar(mp, v.data_ptr<float>(), op, out.data_ptr<at::BFloat16>(), W, C, r0, r1);
+    } else {
+      decompress_rows_scalar(mp, v.data_ptr<float>(), op, out.data_ptr<float>(), W, C, r0, r1);
+    }
+  });
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& values,
@@ -308,6 +534,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& masks, const
   auto m = masks.contiguous();
   auto v = values.contiguous();
   auto o = row_offsets.contiguous();
+  check_padded("seftc::sparse_linear", v, o, R);
   auto x2 = x.reshape({-1, C}).contiguous();
   const int64_t T = x2.size(0);
 
@@ -320,19 +547,30 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& masks, const
     if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
     return y.view(out_shape);
   };
-  if (isa == 2 && T >= kPrefillMin && R > 0) {
-    const int64_t Tp = (T + 15) / 16 * 16;
-    auto xt = at::zeros({Cp, Tp}, x.options().dtype(at::kFloat));
-    xt.narrow(0, 0, C).narrow(1, 0, T).copy_(x2.t());
-    auto yt = at::empty({R, Tp}, x.options().dtype(at::kFloat));
+  if (isa >= 2 && T >= kPrefillMin && R > 0) {
+    const bool dp = isa >= 3 && bf16 && x2.scalar_type() == at::kBFloat16;
+    const Windows win = plan_windows(T, Cp, dp ? 2 : 4);
+    const int64_t WT = 16 * win.nz;
+    auto yt = at::empty({R, win.Tp}, x.options().dtype(at::kFloat));
     const uint64_t* mp = reinterpret_cast<const uint64_t*>(m.data_ptr<int64_t>());
-    const float* xtp = xt.data_ptr<float>();
     float* ytp = yt.data_ptr<float>();
     const int64_t* op = o.data_ptr<int64_t>();
-    const void* vp = v.data_ptr();
-    at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
-      bf16 ? rows_prefill<true>(mp, vp, op, xtp, ytp, W, Tp, r0, r1) : rows_prefill<false>(mp, vp, op, xtp, ytp, W, Tp, r0, r1);
-    });
+    // x zero-padded to [Tp, Cp], cut into windows of WT tokens, each transposed into a panel
+    auto xp = at::zeros({win.Tp, Cp}, x.options().dtype(dp ? at::kBFloat16 : at::kFloat));
+    xp.narrow(0, 0, T).narrow(1, 0, C).copy_(x2);
+    if (dp) {
+      auto panels = xp.view(at::kInt).view({win.n, WT, Cp / 2}).transpose(1, 2).contiguous();  // [n, Cp/2, WT] pairs
+      const uint32_t* pp = reinterpret_cast<const uint32_t*>(panels.data_ptr<int32_t>());
+      const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+      at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) { rows_prefill_dpbf16(mp, vp, op, pp, ytp, W, win, r0, r1); });
+    } else {
+      auto panels = xp.view({win.n, WT, Cp}).transpose(1, 2).contiguous();  // [n, Cp, WT]
+      const float* pp = panels.data_ptr<float>();
+      const void* vp = v.data_ptr();
+      at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+        bf16 ? rows_prefill<true>(mp, vp, op, pp, ytp, W, win, r0, r1) : rows_prefill<false>(mp, vp, op, pp, ytp, W, win, r0, r1);
+      });
+    }
     return finish(yt.narrow(1, 0, T).t().contiguous());
   }
   auto xp = at::empty({T, Cp}, x.options().dtype(at::kFloat));
@@ -378,4 +616,5 @@ TORCH_LIBRARY(seftc_cpu, m) {
   m.def("set_isa(int level) -> int", &set_isa);
   m.def("isa() -> int", &get_isa);
   m.def("best_isa() -> int", &best_isa);
+  m.def("decompress(Tensor masks, Tensor values, Tensor row_offsets, Tensor(a!) out) -> ()", &decompress_cpu);
 }

@@ -125,6 +125,8 @@ class BenchStage(_Strict):
     prompt_tokens: Count = described(64, "Prompt length N for prefill.")
     new_tokens: Count = described(16, "Generated tokens M timed per decode repeat.")
     repeats: Count = described(5, "Timed repeats (medians reported, with min–max).")
+    max_repeats: Count | None = described(None, "Repeat on, alternately, until the spread settles (interquartile range within "
+                                                "10% of the median) or this many repeats.", show_default="3 x --repeats")
     warmup: NonNegativeCount = described(2, "Untimed warm-up runs before the repeats.")
     layers: NonNegativeCount = described(7, "Time the kernels of the first N sparse layers alone (0: skip; see --all-layers).")
     all_layers: bool = described(False, "Time every sparse layer's kernel.")
@@ -138,7 +140,7 @@ class BenchStage(_Strict):
     def bench_kwargs(self) -> dict[str, Any]:
         """The fields of seftc.runtime.bench.BenchConfig."""
         return {"batches": parse_counts(self.batch), "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-                "repeats": self.repeats, "warmup": self.warmup, "max_layers": None if self.all_layers else self.layers,
+                "repeats": self.repeats, "max_repeats": self.max_repeats, "warmup": self.warmup, "max_layers": None if self.all_layers else self.layers,
                 "threads": self.threads}
 
 

@@ -2,8 +2,10 @@
 decode latency per token, memory. Returns result objects; prints nothing.
 
 Dense and sparse are timed alternately (repeat by repeat) so that a change in machine load hits
-both; every figure is the median of `repeats` samples after `warmup` untimed runs, with its
-spread (min, max).
+both; every figure is the median of its samples after `warmup` untimed runs, with its spread
+(min, max). Repeats continue past `repeats`, alternately, until the samples settle (interquartile
+range within `SETTLED` of the median, for both sides) or `max_repeats` is reached; a figure that
+did not settle says so (`settled: false`, with the number of repeats it took).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class BenchConfig:
     prompt_tokens: int = 64
     new_tokens: int = 16
     repeats: int = 5
+    max_repeats: int | None = None  # None: 3 x repeats
     warmup: int = 2
     layer_batches: Sequence[int] = (1,)
     max_layers: int | None = 7  # per-layer timing for the first N sparse layers (None: all)
@@ -35,17 +38,30 @@ class BenchConfig:
     seed: int = 0
 
 
+SETTLED = 0.10  # relative interquartile range of a figure's samples below which more repeats change little
+
+
+def settled(samples: Sequence[float]) -> bool:
+    """At least 3 samples whose interquartile range is within SETTLED of their median."""
+    if len(samples) < 3:
+        return False
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    median = statistics.median(samples)
+    return median > 0 and (q3 - q1) / median <= SETTLED
+
+
 @dataclass
 class Timing:
     median_ms: float
     min_ms: float
     max_ms: float
     n: int
+    settled: bool = True
 
     @classmethod
     def of(cls, samples_s: Sequence[float]) -> "Timing":
         ms = [s * 1e3 for s in samples_s]
-        return cls(statistics.median(ms), min(ms), max(ms), len(ms))
+        return cls(statistics.median(ms), min(ms), max(ms), len(ms), settled(ms))
 
 
 @dataclass
@@ -71,7 +87,7 @@ class PhaseResult:
             "dense_ms": self.dense.median_ms, "sparse_ms": self.sparse.median_ms, "speedup": self.speedup,
             "dense_spread_ms": [self.dense.min_ms, self.dense.max_ms], "sparse_spread_ms": [self.sparse.min_ms, self.sparse.max_ms],
             "dense_tokens_per_s": self.tokens_per_s("dense"), "sparse_tokens_per_s": self.tokens_per_s("sparse"),
-            "repeats": self.dense.n,
+            "repeats": self.dense.n, "settled": self.dense.settled and self.sparse.settled,
         }
 
 
@@ -99,7 +115,8 @@ class LayerResult:
         return {"name": self.name, "shape": list(self.shape), "layout": self.kind, "sparsity": self.sparsity, "batch": self.batch,
                 "dense_ms": self.dense.median_ms, "sparse_ms": self.sparse.median_ms, "speedup": self.speedup,
                 "dense_spread_ms": [self.dense.min_ms, self.dense.max_ms], "sparse_spread_ms": [self.sparse.min_ms, self.sparse.max_ms],
-                "dense_bytes": self.dense_bytes, "sparse_bytes": self.sparse_bytes, "byte_bound": self.byte_bound}
+                "dense_bytes": self.dense_bytes, "sparse_bytes": self.sparse_bytes, "byte_bound": self.byte_bound,
+                "repeats": self.dense.n, "settled": self.dense.settled and self.sparse.settled}
 
 
 @dataclass
@@ -130,7 +147,8 @@ class BenchResult:
 WIDE_SPREAD = 0.5  # (max - min) / median of the repeats above which a median is not trusted
 DISTORTION_NOTE = ("a speedup above the byte bound means the two paths did not stream their weights equally fast (the dense "
                    "path below its memory bandwidth, or other processes took the cores while one path ran); repeats more "
-                   f"than {WIDE_SPREAD:.0%} of their median apart mean other processes took the cores. Rerun `seftc bench` "
+                   f"than {WIDE_SPREAD:.0%} of their median apart, or repeats that never settled (interquartile range "
+                   f"above {SETTLED:.0%} of the median after --max-repeats), mean other processes took the cores. Rerun `seftc bench` "
                    "on a quiet machine before quoting a flagged figure.")
 
 
@@ -143,8 +161,9 @@ def speedup_range(row: dict[str, Any]) -> tuple[float, float]:
 def distortion(row: dict[str, Any], byte_bound: float | None) -> str | None:
     """Why a timed row (a `to_json()` of PhaseResult or LayerResult) cannot be taken at face value:
     a speedup above the byte bound (sparse cannot read fewer bytes than that, so the dense path ran
-    below the bandwidth the sparse one reached), or repeats that disagree by more than WIDE_SPREAD of
-    their median (another process took the cores); None if neither. DISTORTION_NOTE explains both."""
+    below the bandwidth the sparse one reached), repeats that disagree by more than WIDE_SPREAD of
+    their median (another process took the cores), or repeats that never settled (see `settled`);
+    None if none of these. DISTORTION_NOTE explains them."""
     reasons = []
     if byte_bound and row["speedup"] > byte_bound * 1.02:
         reasons.append(f"{row['speedup']:.2f}× is above the byte bound {byte_bound:.2f}× (dense slower than its bytes explain)")
@@ -153,6 +172,8 @@ def distortion(row: dict[str, Any], byte_bound: float | None) -> str | None:
         median = row[f"{which}_ms"]
         if median > 0 and (hi - lo) / median > WIDE_SPREAD:
             reasons.append(f"{which} repeats spread {lo:.3g}–{hi:.3g} ms around {median:.3g}")
+    if row.get("settled") is False:
+        reasons.append(f"the repeats had not settled after {row.get('repeats')} rounds")
     return "; ".join(reasons) or None
 
 
@@ -161,19 +182,36 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str) -> dict[str, Timing]:
+def _timed(fn: Callable[[], Any], device: str) -> Callable[[], float]:
+    def run() -> float:
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t
+
+    return run
+
+
+def _rounds(samplers: dict[str, Callable[[], float]], repeats: int, max_repeats: int | None) -> dict[str, Timing]:
+    """Call each sampler once per round, alternately, for `repeats` rounds and then on until every
+    side's samples have settled or `max_repeats` rounds are done."""
+    limit = max(repeats, max_repeats if max_repeats is not None else 3 * repeats)
+    samples: dict[str, list[float]] = {k: [] for k in samplers}
+    for n in range(1, limit + 1):
+        for k, sample in samplers.items():
+            samples[k].append(sample())
+        if n >= repeats and all(settled(v) for v in samples.values()):
+            break
+    return {k: Timing.of(v) for k, v in samples.items()}
+
+
+def _alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str,
+               max_repeats: int | None = None) -> dict[str, Timing]:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[k].append(time.perf_counter() - t)
-    return {k: Timing.of(v) for k, v in samples.items()}
+    return _rounds({k: _timed(fn, device) for k, fn in fns.items()}, repeats, max_repeats)
 
 
 def _prefill(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
@@ -209,11 +247,8 @@ def _decode(dense: nn.Module, sparse: nn.Module, ids: torch.Tensor, cfg: BenchCo
     for _ in range(cfg.warmup):
         for m in models.values():
             _decode_samples(m, ids, min(2, cfg.new_tokens), device)
-    per_step: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(cfg.repeats):
-        for k, m in models.items():
-            per_step[k].append(statistics.median(_decode_samples(m, ids, cfg.new_tokens, device)))
-    return {k: Timing.of(v) for k, v in per_step.items()}
+    return _rounds({k: (lambda m=m: statistics.median(_decode_samples(m, ids, cfg.new_tokens, device))) for k, m in models.items()},
+                   cfg.repeats, cfg.max_repeats)
 
 
 def bench_layers(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str, dtype: torch.dtype) -> list[LayerResult]:
@@ -242,8 +277,8 @@ def bench_layers(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: 
                 for _ in range(iters):
                     sl(x)
 
-            t = _alternate({"dense": run_dense, "sparse": run_sparse}, cfg.repeats, cfg.warmup, device)
-            scale = [Timing(v.median_ms / iters, v.min_ms / iters, v.max_ms / iters, v.n) for v in (t["dense"], t["sparse"])]
+            t = _alternate({"dense": run_dense, "sparse": run_sparse}, cfg.repeats, cfg.warmup, device, cfg.max_repeats)
+            scale = [replace(v, median_ms=v.median_ms / iters, min_ms=v.min_ms / iters, max_ms=v.max_ms / iters) for v in (t["dense"], t["sparse"])]
             nnz = int((w != 0).sum())
             results.append(LayerResult(name, (sl.out_features, sl.in_features), sl.kind, 1 - nnz / max(1, w.numel()), batch,
                                        scale[0], scale[1], w.numel() * w.element_size(), sl.layout.nbytes))
@@ -337,7 +372,7 @@ def run_bench(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str
             result.layers_in_model = bench_layers_in_model(dense, sparse, cfg, device, vocab)
         for batch in cfg.batches:
             ids = torch.randint(0, vocab, (batch, cfg.prompt_tokens), generator=gen).to(device)
-            t = _alternate({"dense": _prefill(dense, ids), "sparse": _prefill(sparse, ids)}, cfg.repeats, cfg.warmup, device)
+            t = _alternate({"dense": _prefill(dense, ids), "sparse": _prefill(sparse, ids)}, cfg.repeats, cfg.warmup, device, cfg.max_repeats)
             result.results.append(PhaseResult("prefill", batch, cfg.prompt_tokens, t["dense"], t["sparse"]))
             t = _decode(dense, sparse, ids, cfg, device)
             result.results.append(PhaseResult("decode", batch, cfg.new_tokens, t["dense"], t["sparse"]))

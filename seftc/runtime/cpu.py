@@ -2,8 +2,9 @@
 
 The extension is compiled once with torch's extension loader into `$SEFTC_CACHE/kernels` (default
 `~/.cache/seftc/kernels`). It registers the CPU implementation of `seftc::sparse_linear` and a few
-`seftc_cpu::` helpers. The instruction set (AVX-512 / AVX2 / scalar) is picked at run time inside
-the library; `SEFTC_ISA=avx2|scalar` or `force_isa()` caps it (tests use this to check all paths).
+`seftc_cpu::` helpers (`decompress`: a layout's dense weight into a caller's buffer). The instruction
+set (AVX-512 with AVX512-BF16 / AVX-512 / AVX2 / scalar) is picked at run time inside the library;
+`SEFTC_ISA=avx512|avx2|scalar` or `force_isa()` caps it (tests use this to check all paths).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 ISA_NAMES = {v: k for k, v in ISA_LEVELS.items()}
 SOURCES = ("sparse_linear.cpp",)
 
@@ -101,6 +102,7 @@ def load() -> bool:
             if forced not in ISA_LEVELS:
                 raise ValueError(f"SEFTC_ISA={forced!r}: choose one of {', '.join(ISA_LEVELS)}")
             torch.ops.seftc_cpu.set_isa(ISA_LEVELS[forced])
+        _state["isa"] = ISA_NAMES[int(torch.ops.seftc_cpu.isa())]
         _state["loaded"] = True
     except Exception as e:  # no compiler, no headers, build error: the reference still works
         warnings.warn(f"seftc: CPU sparse kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
@@ -111,11 +113,9 @@ def load() -> bool:
 
 def isa() -> str:
     """The instruction set the kernels use now ('reference' when they are not loaded)."""
-    import torch
-
     if not _state.get("loaded"):
         return "reference"
-    return ISA_NAMES[int(torch.ops.seftc_cpu.isa())]
+    return str(_state["isa"])
 
 
 def best_isa() -> str:
@@ -128,14 +128,19 @@ def best_isa() -> str:
 
 @contextlib.contextmanager
 def force_isa(name: str) -> Iterator[str]:
-    """Cap the kernels' instruction set (avx512 | avx2 | scalar) inside the block."""
+    """Cap the kernels' instruction set (avx512bf16 | avx512 | avx2 | scalar) inside the block."""
     import torch
 
     if not load():
         yield "reference"
         return
+    from seftc.runtime import dispatch
+
     previous = os.environ.get("SEFTC_ISA")
     try:
-        yield ISA_NAMES[int(torch.ops.seftc_cpu.set_isa(ISA_LEVELS[name]))]
+        _state["isa"] = ISA_NAMES[int(torch.ops.seftc_cpu.set_isa(ISA_LEVELS[name]))]
+        dispatch.invalidate()  # layers choose their path again for this instruction set
+        yield str(_state["isa"])
     finally:
-        torch.ops.seftc_cpu.set_isa(ISA_LEVELS[previous] if previous in ISA_LEVELS else -1)
+        _state["isa"] = ISA_NAMES[int(torch.ops.seftc_cpu.set_isa(ISA_LEVELS[previous] if previous in ISA_LEVELS else -1))]
+        dispatch.invalidate()

@@ -47,16 +47,20 @@ def build_dir() -> Path:
     return cpu.build_dir()
 
 
-def sparse_linear_path(x_dtype: torch.dtype, values_dtype: torch.dtype, tokens: int, in_features: int) -> KernelPath:
+def sparse_linear_path(x_dtype: torch.dtype, values_dtype: torch.dtype, tokens: int, in_features: int,
+                       mode: str = "auto") -> KernelPath:
     """Which implementation `seftc::sparse_linear` runs on CUDA for these inputs (pure).
 
     "bitmap": the compiled kernel (x and values the same half dtype, 1..8 tokens, >= 1 feature);
-    "dense": decompress to that half dtype + one dense matmul (prefill-sized or empty batches);
+    "dense": decompress to that half dtype + one dense matmul (prefill-sized or empty batches, or
+    every batch when `mode` (`seftc.runtime.dispatch.mode()`) is "dense");
     "reference": the fp32 PyTorch reference (any other dtype, or x and values of different dtypes).
+    The crossover is this fixed rule, not measured as on the CPU (no GPU has timed it yet); "sparse"
+    changes nothing here: the kernel takes at most 8 tokens.
     """
     if x_dtype != values_dtype or x_dtype not in KERNEL_DTYPES or in_features < 1:
         return "reference"
-    if 1 <= tokens <= MAX_KERNEL_TOKENS:
+    if 1 <= tokens <= MAX_KERNEL_TOKENS and mode != "dense":
         return "bitmap"
     return "dense"
 
@@ -110,12 +114,12 @@ def dense_linear(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, row
 def sparse_linear_cuda(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """The CUDA implementation of `seftc::sparse_linear` once the extension is loaded."""
-    from seftc.runtime import reference
+    from seftc.runtime import dispatch, reference
 
     features = int(x.shape[-1]) if x.dim() else 0
     tokens = x.numel() // features if features else 0
     same_device = masks.device == x.device and values.device == x.device and row_offsets.device == x.device
-    path = sparse_linear_path(x.dtype, values.dtype, tokens, features) if same_device else "reference"
+    path = sparse_linear_path(x.dtype, values.dtype, tokens, features, dispatch.mode()) if same_device else "reference"
     if path == "bitmap":
         return torch.ops.seftc_cuda.bitmask_spmv.default(x, masks, values, row_offsets, bias)
     if path == "dense":

@@ -1,5 +1,7 @@
 """`SparseLinear`: an `nn.Linear` replacement whose weight lives in a kernel layout and whose
-forward calls the one op, `seftc::sparse_linear`.
+forward calls the one entry point, `seftc.runtime.ops.sparse_linear` (on the CPU it runs the sparse
+kernel or decompress + dense GEMM, whichever `seftc.runtime.dispatch` measured faster for that many
+tokens).
 
 On CUDA a 2:4 layer may also hold `prefill_weight`, a semi-structured copy of its weight chosen at
 conversion by timing (`seftc.runtime.semistructured`, `seftc.runtime.convert.prepare_prefill`):
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seftc.runtime import ops
+from seftc.runtime import dispatch, ops
 from seftc.runtime.cuda import MAX_KERNEL_TOKENS
 from seftc.runtime.layouts import SparseLayout
 
@@ -29,9 +31,11 @@ class SparseLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.prefill_weight: torch.Tensor | None = None  # semi-structured 2:4 copy for prefill on CUDA
+        self.router = dispatch.Router(ops.BITMASK)  # this layer's memo of the CPU path per token count
 
-    def _apply(self, fn, recurse=True):  # moving or casting invalidates the semi-structured copy
+    def _apply(self, fn, recurse=True):  # moving or casting invalidates the semi-structured copy and the routes
         self.prefill_weight = None
+        self.router.reset()
         return super()._apply(fn, recurse)
 
     @classmethod
@@ -58,6 +62,10 @@ class SparseLinear(nn.Module):
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
         return self.layout.nbytes + bias
 
+    def dispatch_args(self) -> tuple[dispatch.LayoutPaths, tuple[torch.Tensor, ...]]:
+        """What `seftc.runtime.dispatch` needs: the layout's paths and its weight tensors."""
+        return ops.BITMASK, (self.masks, self.values, self.row_offsets)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         semi = self.prefill_weight
         if (semi is not None and x.is_cuda and x.dtype == semi.dtype and x.device == semi.device
@@ -65,7 +73,7 @@ class SparseLinear(nn.Module):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = nn.functional.linear(x.reshape(-1, self.in_features), semi, bias)
             return y.reshape(*x.shape[:-1], self.out_features)
-        return ops.sparse_linear(x, self.masks, self.values, self.row_offsets, self.bias)
+        return ops.sparse_linear(x, self.masks, self.values, self.row_offsets, self.bias, router=self.router)
 
     def extra_repr(self) -> str:
         nnz = int(self.row_offsets[-1])

@@ -1,4 +1,5 @@
-"""The one op surface for sparse linear layers: `seftc::sparse_linear`.
+"""The one op surface for sparse linear layers: `seftc::sparse_linear`, and `sparse_linear()`, the
+entry point every `SparseLinear` calls.
 
     sparse_linear(Tensor x, Tensor masks, Tensor values, Tensor row_offsets, Tensor? bias) -> Tensor
 
@@ -9,6 +10,12 @@ extension (`seftc.runtime.cpu`), registered the first time the op is used on the
 implementation (`seftc.runtime.cuda`: the bitmap kernel for decode-sized half-precision batches,
 decompress + matmul otherwise; bound, verified on GPU: not yet) the first time it is used on CUDA.
 `SEFTC_KERNELS=reference` forces the reference everywhere.
+
+On the CPU, `sparse_linear()` runs per call whichever path is faster on this machine for that
+many tokens — the kernel (`seftc::sparse_linear`) or `decompress()` into a reused scratch buffer
+plus the dense GEMM — as measured and cached by `seftc.runtime.dispatch` (`SEFTC_DISPATCH` or
+`path=` forces one). On CUDA the CUDA implementation chooses with its fixed rule (kernel up to
+8 tokens), and `SEFTC_DISPATCH=dense` forces decompress + matmul there too.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ import os
 
 import torch
 
-from seftc.runtime import reference
+from seftc.runtime import dispatch, reference
+from seftc.runtime.layouts import PAD
 
 _lib = torch.library.Library("seftc", "DEF")
 _lib.define("sparse_linear(Tensor x, Tensor masks, Tensor values, Tensor row_offsets, Tensor? bias=None) -> Tensor")
@@ -88,11 +96,43 @@ def cuda_backend() -> str:
     return _cuda_backend
 
 
+def decompress(masks: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the dense weight of a bitmask layout into `out` [R, C] (float32 or bfloat16, contiguous)."""
+    if out.device.type == "cpu" and backend() == "cpu-kernels":
+        torch.ops.seftc_cpu.decompress(masks, values, row_offsets, out)
+    else:
+        out.copy_(reference.dense_weight(masks, values, row_offsets, out.shape[1]))
+
+
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def _describe(masks: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor) -> tuple[int, int, torch.dtype]:
+    return masks.shape[0], values.numel() - PAD, values.dtype
+
+
+def _accepts(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor) -> bool:
+    """Dispatch only with the compiled kernels (the reference has no measured choice) and inputs the
+    kernel takes (others go to it and get its error)."""
+    return (backend() == "cpu-kernels" and x.dtype in _FLOATS and values.dtype in _FLOATS and x.dim() >= 1
+            and masks.dim() == 2 and masks.shape[1] == (x.shape[-1] + 63) // 64)
+
+
+BITMASK = dispatch.LayoutPaths("bitmask", torch.ops.seftc.sparse_linear.default, decompress, _describe, _accepts)
+
+
 def sparse_linear(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, *, path: str | None = None,
+                  router: dispatch.Router | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a bitmask layout. On the CPU `path` ('sparse': the kernel, 'dense':
+    decompress + GEMM) defaults to the dispatcher's choice (memoised in `router`, a layer's own); on
+    CUDA the CUDA implementation chooses."""
     if x.is_cuda:
         if _cuda_backend is None:
             cuda_backend()
-    elif _backend is None:
+        return torch.ops.seftc.sparse_linear.default(x, masks, values, row_offsets, bias)
+    if _backend is None:
         backend()
-    return torch.ops.seftc.sparse_linear.default(x, masks, values, row_offsets, bias)
+    if path is None and router is not None:
+        return router(x, (masks, values, row_offsets), bias)
+    return dispatch.run(BITMASK, x, (masks, values, row_offsets), bias, path)
