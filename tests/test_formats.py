@@ -16,7 +16,7 @@ from seftc.formats.base import Analysis, PackedTensor, pack_bits, unpack_bits
 from seftc.formats.io import PackedReader, PackedWriter, load_packed, save_packed
 from seftc.formats.registry import AUTO_CANDIDATES, CODECS, choose, get_codec
 
-SPARSE = [n for n, c in CODECS.items() if c.sparse]
+SPARSE = [n for n, c in CODECS.items() if c.sparse and not c.quantized]  # lossless; the int8 formats: test_formats_int8.py
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 8), (7, 13), (16, 36), (70, 24)]  # widths 13 and 36 are not multiples of 8; 70 rows span two rice blocks
 SPARSITIES = [0.0, 0.5, "2:4", 0.7, 0.9, 1.0]
