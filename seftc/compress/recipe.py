@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 
 
 PACK_FORMATS = ("auto", "2:4", "bitmask", "csr", "rice", "ct-sparse-bitmask", "ct-sparse-24-bitmask")  # = formats.registry.CHOICES
-PACK_QUANTIZE = ("none", "int8")  # = formats.registry.QUANTIZE
+PACK_QUANTIZE = ("none", "int8")  # = formats.names.QUANTIZE
 
 
 class ModelStage(_Strict):
@@ -77,7 +77,7 @@ class PackStage(_Strict):
 
     @model_validator(mode="after")
     def _quantize_applies(self) -> "PackStage":
-        from seftc.formats.registry import quantize_problem
+        from seftc.formats.names import quantize_problem  # torch-free
 
         problem = quantize_problem(self.format, self.quantize)
         if problem:

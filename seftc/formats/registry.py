@@ -11,6 +11,7 @@ from seftc.formats.csr import CSR_CODEC
 from seftc.formats.ct import CT_24_BITMASK, CT_BITMASK
 from seftc.formats.dense import DENSE
 from seftc.formats.int8 import BITMASK_INT8, TWO_FOUR_INT8
+from seftc.formats.names import INT8_OF, QUANTIZE, quantize_problem  # noqa: F401 (re-exported)
 from seftc.formats.rice import RICE
 from seftc.formats.two_four import TWO_FOUR
 
@@ -20,20 +21,6 @@ CODECS: dict[str, Codec] = {c.name: c for c in (DENSE, TWO_FOUR, BITMASK, CSR_CO
 AUTO_CANDIDATES = ("2:4", "bitmask", "csr", "rice")
 CT_LAYOUT = ("ct-sparse-bitmask", "ct-sparse-24-bitmask")
 CHOICES = ("auto", "2:4", "bitmask", "csr", "rice", *CT_LAYOUT)
-QUANTIZE = ("none", "int8")  # `seftc pack --quantize`
-INT8_OF = {"2:4": "2:4-int8", "bitmask": "bitmask-int8"}  # the layouts int8 applies to, and their int8 formats
-
-
-def quantize_problem(fmt: str, quantize: str) -> str | None:
-    """Why `--quantize` cannot apply with `--format fmt`, or None."""
-    if quantize not in QUANTIZE:
-        return f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}"
-    if quantize == "int8" and fmt != "auto" and fmt not in INT8_OF:
-        return (f"--quantize int8 applies to the {' and '.join(INT8_OF)} layouts, not to --format {fmt}; "
-                f"use --format auto, {' or '.join(INT8_OF)}")
-    return None
-
-
 def candidates(fmt: str = "auto", quantize: str = "none") -> tuple[str, ...]:
     """The formats `fmt` (auto or a name) stands for, in tie-break order; their int8 variants
     with quantize="int8"."""
