@@ -17,7 +17,8 @@ from seftc.errors import SeftcError
 from seftc.sizes import format_size, parse_size
 
 RUNTIME_BYTES = 380 * 2**20  # a seftc process with torch, transformers, a tokenizer and a built model class (measured on CPU)
-SEFT_SLOT_BYTES = 28  # delta, its gradient, two Adam moments (fp32) + int32 position and birth
+SEFT_SLOT_BYTES = 28  # delta, its gradient, two Adam moments, the step count (fp32) + int32 position and birth
+SEFT_SHARDED_SLOT_BYTES = 20  # of which FSDP2 shards δ, its gradient and the three optimizer tensors (position and birth are replicated)
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 REPAIR_METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
 
@@ -174,10 +175,12 @@ def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seq
     d = s.dtype_bytes
     shard = nproc if fsdp else 1
     p.terms["runtime"] = RUNTIME_BYTES
-    p.terms["weights"] = s.params * d // shard + (s.block_params * d if fsdp else 0)
+    # every rank loads the whole model; under FSDP2 it then keeps 1/N of it plus one gathered block, so the load is the peak
+    p.terms["weights"] = s.params * d
     if method.startswith("seft"):
         p.terms["masks"] = 2 * s.target_params  # two bool copies (the layer's and the topology's)
-        p.terms["SEFT slots"] = int(density * s.target_params) * SEFT_SLOT_BYTES // shard
+        slots = int(density * s.target_params)
+        p.terms["SEFT slots"] = slots * SEFT_SHARDED_SLOT_BYTES // shard + slots * (SEFT_SLOT_BYTES - SEFT_SHARDED_SLOT_BYTES)
         p.terms["dense gradient (one layer)"] = s.max_target_numel * 4 * 3
     elif method == "static":
         p.terms["masks"] = s.target_params
@@ -194,7 +197,7 @@ def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seq
             p.terms["merge (one layer)"] = s.max_target_numel * (4 + d)
     p.terms["activations"] = _training_activations(s, max(1, batch_size // nproc), seqlen, grad_checkpointing)
     if nproc > 1:
-        p.notes.append(f"per rank, {nproc} ranks ({'FSDP2 shards weights, gradients and optimizer state' if fsdp else 'each a full replica'})")
+        p.notes.append(f"per rank, {nproc} ranks ({'FSDP2 shards the trained state and its optimizer state; each rank loads the whole model before sharding its weights' if fsdp else 'each a full replica'})")
     return p
 
 

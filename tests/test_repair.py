@@ -231,22 +231,38 @@ def test_resume_after_kill_matches_uninterrupted_run(pruned, tmp_path, extra):
     assert not (tmp_path / "resumed.checkpoint").exists()
 
 
-def test_two_process_training_matches_single_process(pruned, tmp_path):
+def _torchrun(*args, nproc=2):
+    """`seftc ARGS` as `torchrun --standalone --nproc_per_node=NPROC` runs it (a free port each time), on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "seftc.cli.main",
+           *map(str, args), "--device", "cpu"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method,engine", [("seft", "ddp"), ("seft", "fsdp"), ("static", "fsdp"), ("masked-lora", "fsdp"),
+                                           ("lora-merge", "fsdp")])
+def test_two_process_training_matches_single_process(pruned, tmp_path, method, engine):
+    """Two gloo ranks, each half the batch: DDP replicas, or FSDP2 shards of the base, the trained
+    tensors and their optimizer state; the same masks and (to float tolerance) weights as one
+    process, and every topology decision identical on both ranks (checked by the run itself)."""
     src = pruned / "u70"
+    args = ["--method", method, "--density", "0.05", *_quick_args(steps=8)]
     single = tmp_path / "single"
-    p = _cli("repair", src, "-o", single, "--density", "0.05", *_quick_args(steps=8))
+    p = _cli("repair", src, "-o", single, *args, "--device", "cpu")
     assert p.wait(timeout=300) == 0, p.stderr.read()
     dual = tmp_path / "dual"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "seftc.cli.main",
-           "repair", str(src), "-o", str(dual), "--density", "0.05", *map(str, _quick_args(steps=8))]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    r = _torchrun("repair", src, "-o", dual, *args, *(["--fsdp"] if engine == "fsdp" else []))
     assert r.returncode == 0, r.stderr[-3000:]
     m = Manifest.load(dual)
-    assert m.config["ranks"] == 2 and m.config["ranks_agree"] is True
+    assert m.config["ranks"] == 2 and m.config["ranks_agree"] is True and m.config["fsdp"] is (engine == "fsdp")
     assert [x.mask_sha256 for x in m.layers] == [x.mask_sha256 for x in Manifest.load(single).layers]
+    if method == "seft":
+        assert sum(s["grown"] for s in m.layer_stats.values()) > 0  # a topology update happened on the shards
     a, b = load_file(single / "model.safetensors"), load_file(dual / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), worst
+    assert any(not torch.equal(a[k], load_file(src / "model.safetensors")[k]) for k in a)  # it trained
 
 
 def test_repair_bad_inputs(tiny_dir, pruned, tmp_path):
@@ -299,3 +315,46 @@ def test_mask_is_explicit_when_kept_weights_are_zero(tiny_dir, tmp_path):
     final = load_masks(out)
     assert all(int(final[k].sum()) == int(masks[k].sum()) for k in masks)
     assert all(bool((final[k].reshape(-1, 4).sum(1) == 2).all()) for k in masks)
+
+
+class _FactorySpy(torch.overrides.TorchFunctionMode):
+    """Records tensor factory calls made from seftc/repair without naming a device."""
+
+    FACTORIES = {torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.tensor, torch.as_tensor, torch.rand, torch.randn,
+                 torch.randperm, torch.randint}
+
+    def __init__(self):
+        super().__init__()
+        self.unnamed: list[str] = []
+        self.seen = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES:
+            frame = sys._getframe(1)
+            if "/seftc/repair/" in frame.f_code.co_filename.replace(os.sep, "/"):
+                self.seen += 1
+                if "device" not in kwargs:
+                    self.unnamed.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} torch.{func.__name__}")
+        return func(*args, **kwargs)
+
+
+def test_every_tensor_repair_creates_names_its_device(pruned, tmp_path):
+    """--device cuda must not leave a tensor on the CPU by accident: every tensor seftc.repair
+    creates (SEFT with the v2 statistics, its checkpoint and resume; static; the LoRA baselines)
+    names its device or copies another tensor's (`*_like`)."""
+    v2 = dict(evict_score="fisher", grow_candidates="window", evict_blend=0.3, row_cap=0.2, evict_cooldown=1, delta_decay=0.5,
+              reactivation_cap=0.05, init="random")
+    spy = _FactorySpy()
+    with spy:
+        ckpt = tmp_path / "ckpt"
+        repair(str(pruned / "u70"), output=tmp_path / "a", device="cpu", density=0.05, checkpoint_every=3, checkpoint_dir=ckpt,
+               stop_after=5, **{**QUICK, "steps": 8}, **v2)
+        repair(str(pruned / "u70"), output=tmp_path / "b", device="cpu", density=0.05, checkpoint_every=3, checkpoint_dir=ckpt,
+               resume=True, **{**QUICK, "steps": 8}, **v2)
+        repair(str(pruned / "nm24"), output=tmp_path / "c", device="cpu", density=0.05, **{**QUICK, "steps": 8})
+        for i, method in enumerate(("static", "masked-lora", "lora-merge")):
+            repair(str(pruned / "u70"), output=tmp_path / f"m{i}", device="cpu", method=method, checkpoint_every=3,
+                   checkpoint_dir=tmp_path / f"k{i}", **{**QUICK, "steps": 4})
+    assert spy.seen > 20, spy.seen  # the spy sees repair's factory calls
+    assert not spy.unnamed, sorted(set(spy.unnamed))

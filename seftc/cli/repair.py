@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from seftc.cli.common import max_memory_option, max_shard_size_option, print_json, progress_bars, stderr, user_errors
+from seftc.cli.common import device_option, max_memory_option, max_shard_size_option, print_json, progress_bars, stderr, user_errors
 from seftc.cli.options import cli_labels, options_from, take
 from seftc.compress.recipe import ModelStage
 from seftc.repair.config import RepairConfig
@@ -21,9 +21,12 @@ from seftc.repair.config import RepairConfig
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
 @max_memory_option
 @max_shard_size_option
+@device_option
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard the base, the trained tensors and their optimizer state over the ranks "
+              "(FSDP2) instead of a replica per rank (DDP).")
 @user_errors
 def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, max_memory: str | None, max_shard_size: str, trust_remote_code: bool,
-           **options: Any) -> None:
+           device: str | None, fsdp: bool, **options: Any) -> None:
     """Repair a pruned MODEL (written by `seftc prune`) while keeping its sparsity."""
     from seftc.errors import SeftcError
     from seftc.repair.api import interrupted_message, repair as run_repair
@@ -38,10 +41,11 @@ def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, ma
 
         check_fits(plan_repair(model_shape(model)[0], cfg.method, batch_size=cfg.batch_size, seqlen=cfg.seqlen, density=cfg.density,
                                lora_r=cfg.lora_r, grad_checkpointing=cfg.grad_checkpointing,
-                               nproc=int(os.environ.get("WORLD_SIZE", "1"))), max_memory)
+                               nproc=int(os.environ.get("WORLD_SIZE", "1")), fsdp=fsdp), max_memory)
     try:
         with progress_bars(not as_json) as bars:
             result = run_repair(model, cfg, output=output, force=force, resume=resume, trust_remote_code=trust_remote_code, max_shard_size=max_shard_size,
+                                device=device, fsdp=fsdp,
                                 progress=_WarnOnStart(bars, [] if as_json else schedule_warnings(cfg)))
     except KeyboardInterrupt:
         raise SeftcError(interrupted_message(output)) from None

@@ -179,7 +179,7 @@ STAGE_TYPES: dict[str, type[BaseModel]] = {
 }
 # Options of a command that are not keys of its stage: where output goes and how it is shown, and
 # what the machine allows (memory cap, device, streaming, shard size), which a run_dir does not fix.
-CLI_ONLY = frozenset({"output", "force", "json", "resume", "plot", "max_memory", "max_shard_size", "device", "stream"})
+CLI_ONLY = frozenset({"output", "force", "json", "resume", "plot", "max_memory", "max_shard_size", "device", "stream", "fsdp"})
 
 
 class Recipe(BaseModel):

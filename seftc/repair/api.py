@@ -2,7 +2,8 @@
 
 One loop trains every method (see methods.py) on the same data and step budget: windows of
 `seqlen` tokens drawn per step from a seeded generator, `batch_size` sequences per step split into
-`grad_accum` micro-batches (and across ranks under torchrun), AdamW with linear warm-up then a
+`grad_accum` micro-batches (and across ranks under torchrun: DDP replicas, or FSDP2 shards with
+--fsdp, see distributed.py), on `--device` (CUDA when available; cuda:LOCAL_RANK per rank), AdamW with linear warm-up then a
 cosine decay to 10% of the learning rate, no dropout (the model stays in eval mode, so a resumed
 run repeats an uninterrupted one exactly), held-out loss every `eval_every` steps.
 """
@@ -25,7 +26,7 @@ from seftc.formats.shards import DEFAULT_MAX_SHARD_SIZE
 from seftc.models.loading import LoadedModel, load_model, resolve_model
 from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
 from seftc.models.saving import check_output, save_model, writes_outputs
-from seftc.models.targets import find_targets
+from seftc.models.targets import find_blocks, find_targets
 from seftc.prune.masks import mask_checksum, nm_holds, parse_pattern
 from seftc.progress import NO_PROGRESS, ProgressSink
 from seftc.repair import checkpoint, distributed
@@ -38,7 +39,7 @@ from seftc.sizes import parse_size
 @dataclass
 class RepairResult:
     loaded: LoadedModel
-    manifest: Manifest
+    manifest: Manifest | None  # None on the ranks other than the main one
     history: dict[str, list]
     output: Path | None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -83,15 +84,24 @@ def _pruned_state(loaded: LoadedModel, allow_dense: bool = False) -> tuple[Manif
     return manifest, targets, masks
 
 
-def _eval_loss(model, windows: torch.Tensor, batch: int) -> float:
+def _eval_loss(model, windows: torch.Tensor, batch: int, device: torch.device) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in windows.split(batch):
+            chunk = chunk.to(device)
             out = model(input_ids=chunk, labels=chunk)
             n = chunk.numel() - chunk.shape[0]
             total += float(out.loss) * n
             count += n
     return total / max(count, 1)
+
+
+def _finite(params: list[torch.Tensor], reduce) -> bool:
+    """Whether every trainable value is finite: on each rank's part (FSDP2 shards), agreed by all."""
+    bad = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    for p in params:
+        bad += (~torch.isfinite(distributed.local_part(p).flat)).sum()
+    return float(reduce(bad) if reduce else bad) == 0
 
 
 def _reprune(source_manifest: Manifest, loaded: LoadedModel, cfg: RepairConfig):
@@ -104,7 +114,7 @@ def _reprune(source_manifest: Manifest, loaded: LoadedModel, cfg: RepairConfig):
         calib_cfg = {k: calib[k] for k in ("source", "nsamples", "seqlen", "seed") if k in calib} or {"source": cfg.data}
         names = [rec.name for rec in source_manifest.layers]
         sparsity = {rec.name: rec.target_sparsity for rec in source_manifest.layers}
-        result = prune(LoadedModel(model, loaded.tokenizer, loaded.ref), method="wanda", pattern=source_manifest.pattern,
+        result = prune(LoadedModel(distributed.unwrapped(model), loaded.tokenizer, loaded.ref), method="wanda", pattern=source_manifest.pattern,
                        sparsity=None if parse_pattern(source_manifest.pattern).is_nm else source_manifest.target_sparsity,
                        include=names, ignore=[], calib=calib_cfg, layer_sparsity=sparsity)
         return result.masks
@@ -143,17 +153,21 @@ def repair(
     allow_dense: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     trust_remote_code: bool = False,
+    device: str | None = None,
+    fsdp: bool = False,
     **overrides: Any,
 ) -> RepairResult:
     """Repair a pruned model (a folder written by `seftc prune`) and save it to `output` (weights in
-    shards of at most `max_shard_size`).
+    shards of at most `max_shard_size`), computing on `device` (cpu or cuda; default CUDA when
+    available). Under torchrun each rank trains a DDP replica, or with `fsdp` an FSDP2 shard of the
+    base, the trainable tensors and their optimizer state; on one process `fsdp` changes nothing.
 
     `allow_dense=True` accepts a 0%-sparsity manifest: the benchmark's reference row (the dense
     model trained with the same data and budget, to tell repair from domain adaptation)."""
     cfg = make_repair_config(**{**(config.model_dump() if config else {}), **overrides})
     parse_size(max_shard_size, "--max-shard-size")
     start_time = time.perf_counter()
-    dist = distributed.setup()
+    dist = distributed.setup(device, fsdp)
     out = Path(output) if output is not None else None
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint.default_dir(out) if out is not None else None
     if resume and ckpt is None:
@@ -181,14 +195,17 @@ def repair(
     train = TokenWindows.from_source(loaded.tokenizer, cfg.data, cfg.seqlen, cfg.seed)
     held_out = TokenWindows.from_source(loaded.tokenizer, cfg.eval_data, cfg.seqlen, cfg.seed).fixed(cfg.eval_windows)
 
-    model_ = loaded.model
+    model_ = loaded.model.to(dist.device)
     model_.eval()
     if cfg.grad_checkpointing:
         model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = list(find_blocks(model_)[1])  # FSDP2's units (found before SEFT replaces their nn.Linear layers)
     method = make_method(cfg, pattern, dist.mean(), _reprune(source_manifest, loaded, cfg))
     method.attach(model_, targets, masks)
     if cfg.grad_checkpointing:
         model_.enable_input_require_grads()
+    engine = dist.wrap(model_, blocks)  # what training calls: model_, a DDP replica, or FSDP2-sharded
+    method.start()
     params = method.trainable()
 
     history: dict[str, list] = {"train_loss": [], "eval_loss": [], "regrown": [], "lr": [], "updates": [], "update_damage": []}
@@ -205,33 +222,34 @@ def repair(
     local_batch = cfg.batch_size // dist.world
     advance = progress.task(f"repair ({cfg.method})", cfg.steps)
     advance(start)
+    evaluate = lambda windows: _eval_loss(model_, windows, local_batch, dist.device)  # noqa: E731  (every rank alike)
     if start == 0 and cfg.eval_every:
-        history["eval_loss"].append([0, _eval_loss(model_, held_out, local_batch)])
+        history["eval_loss"].append([0, evaluate(held_out)])
     tokens_seen, t0 = 0, time.perf_counter()
     last_regrown = history["regrown"][-1][1] if history["regrown"] else None
     for step in range(start, cfg.steps):
-        ids = train.batch(step, cfg.batch_size)[dist.rank :: dist.world]
+        ids = train.batch(step, cfg.batch_size)[dist.rank :: dist.world].to(dist.device)
         method.begin_step(step, n_micro)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=dist.device)
         for micro, chunk in enumerate(ids.chunk(n_micro)):
             method.begin_micro(micro)
-            loss = model_(input_ids=chunk, labels=chunk).loss / n_micro
-            loss.backward()
+            with dist.accumulating(engine, last=micro == n_micro - 1):  # the engine averages gradients on the last
+                loss = engine(input_ids=chunk, labels=chunk).loss / n_micro
+                loss.backward()
             loss_sum += loss.detach()
-        dist.average_grads(params)
         reduce = dist.mean()
         loss_value = float(reduce(loss_sum) if reduce else loss_sum)
         lr = lr_at(step, cfg)
         diverged = "the loss is " + str(loss_value) if not math.isfinite(loss_value) else None
         if diverged is None:
             method.optimizer_step(lr)
-            if not all(bool(torch.isfinite(p).all()) for p in params):
+            if not _finite(params, reduce):
                 diverged = "the weights are no longer finite"
         if diverged:
             if ckpts is not None and not ckpts.resumed and dist.is_main:
                 ckpts.remove()  # this run's own checkpoints lead back here
             raise SeftcError(f"training diverged at step {step + 1}: {diverged}; lower --lr (now {lr:g}); nothing was saved")
-        before = {k: _eval_loss(model_, w, local_batch) for k, w in damage_sets.items()} if damage_sets and method.has_pending() else None
+        before = {k: evaluate(w) for k, w in damage_sets.items()} if damage_sets and method.has_pending() else None
         info = method.after_step(step)
         history["train_loss"].append([step + 1, loss_value])
         history["lr"].append([step + 1, lr])
@@ -241,19 +259,21 @@ def repair(
             history["updates"].append({"step": step + 1, **info})
             last_regrown = info["regrown"]
         if before is not None:
-            after = {k: _eval_loss(model_, w, local_batch) for k, w in damage_sets.items()}
+            after = {k: evaluate(w) for k, w in damage_sets.items()}
             history["update_damage"].append({"step": step + 1, **{f"{k}_{when}": v[k] for when, v in (("before", before), ("after", after)) for k in v}})
             damage = {f"damage_{k}": after[k] - before[k] for k in before}
         tokens_seen += ids.numel() * dist.world
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            history["eval_loss"].append([step + 1, _eval_loss(model_, held_out, local_batch)])
+            history["eval_loss"].append([step + 1, evaluate(held_out)])
         if hasattr(progress, "status"):
             progress.status(step=step + 1, loss=loss_value, tokens_per_s=tokens_seen / (time.perf_counter() - t0), regrown=last_regrown,
                             **(damage or {}))
         advance(1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and ckpts is not None:
+            state = method.state_tensors()  # every rank: FSDP2 shards are gathered, per-rank sums averaged
             if dist.is_main:
-                ckpts.save(step + 1, method.state_tensors(), history, method.meta())
+                ckpts.save(step + 1, state, history, method.meta())
+            del state
             dist.barrier()
         if stop_after is not None and step + 1 >= stop_after:
             break
@@ -261,20 +281,29 @@ def repair(
     loop_s = time.perf_counter() - t0
     seconds = time.perf_counter() - start_time
     stats = method.stats()
-    final_masks = method.finalize(model_, masks)
-    if cfg.grad_checkpointing:
+    trainable = sum(p.numel() for p in params)
+    whole = dist.is_main or method.needs_whole_model  # the ranks that need the merged weights
+    if dist.sharded:
+        distributed.gather_full_model(model_, keep=whole)
+    final_masks = method.finalize(model_, masks, whole=whole)
+    del engine, params
+    if cfg.grad_checkpointing and whole:
         model_.gradient_checkpointing_disable()
+    ranks = dist.gather([mask_checksum(final_masks[t.name]) for t in targets])
+    if not all(r == ranks[0] for r in ranks):
+        raise RuntimeError("ranks took different topology decisions")
+    if not dist.is_main:
+        dist.barrier()
+        return RepairResult(loaded, None, history, None, final_masks)
     manifest = _manifest(loaded, source_manifest, cfg, targets_names=[t.name for t in targets], masks=masks, stats=stats,
                          history=history, seconds=seconds, dist=dist, final_masks=final_masks)
-    ranks = dist.gather([rec.mask_sha256 for rec in manifest.layers])
-    manifest.config["trainable_params"] = sum(p.numel() for p in params)
+    manifest.config["trainable_params"] = trainable
     manifest.config["s_per_step"] = loop_s / max(cfg.steps - start, 1)  # training loop only (no load, save, final eval)
     manifest.config["ranks"] = dist.world
-    manifest.config["ranks_agree"] = all(r == ranks[0] for r in ranks)
-    if not manifest.config["ranks_agree"]:
-        raise RuntimeError("ranks took different topology decisions")
+    manifest.config["fsdp"] = dist.sharded
+    manifest.config["ranks_agree"] = True
     saved = None
-    if out is not None and dist.is_main:
+    if out is not None:
         saved = save_model(model_, loaded.tokenizer, out, {"seftc_manifest.json": manifest.to_json()}, masks=final_masks,
                            max_shard_size=max_shard_size)
         if ckpts is not None and checkpoint_dir is None:
@@ -297,7 +326,7 @@ def _manifest(loaded, source: Manifest, cfg: RepairConfig, targets_names, masks,
             pattern=str(pattern) if pattern.is_nm and nm_holds(w, pattern) else "unstructured",
             mask_sha256=mask_checksum(final_masks[name]),
         ))
-        moved = int((masks[name] & ~final_masks[name]).sum())
+        moved = int((masks[name] & ~final_masks[name].to(masks[name].device)).sum())
         layer_stats[name] = {"sparsity_before": before[name].sparsity, "sparsity_after": records[-1].sparsity,
                              "positions_left": moved, **stats.get(name, {})}
     total = sum(r.shape[0] * r.shape[1] for r in records)

@@ -28,8 +28,8 @@ class TokenWindows:
 
     def batch(self, step: int, size: int) -> torch.Tensor:
         """`size` windows at random offsets drawn from a generator seeded by (seed, step)."""
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**63)
-        starts = torch.randint(0, self.ids.numel() - self.seqlen, (size,), generator=gen)
+        gen = torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + step) % 2**63)
+        starts = torch.randint(0, self.ids.numel() - self.seqlen, (size,), generator=gen, device="cpu")  # the caller moves the batch
         return torch.stack([self.ids[s : s + self.seqlen] for s in starts.tolist()])
 
     def fixed(self, count: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ def input_sq_norms(model: nn.Module, tokenizer: Any, layers: dict[str, nn.Module
     """Σ x_j² over the calibration tokens, per input column j of each layer in `layers` (fp32)."""
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     samples, _ = calibration_samples(tokenizer, calib, max_pos)
-    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in layers.items()}
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64, device="cpu") for name, m in layers.items()}  # summed on the CPU
 
     def hook_for(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seftc.repair.distributed import full_tensor, local_part
+
 
 class _SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
@@ -63,10 +65,11 @@ class SeftLinear(nn.Module):
             self.bias.requires_grad_(False)
         self.register_buffer("active", active.reshape(-1).clone())
         self.target = int(self.active.sum())
-        slots = torch.full((k,), -1, dtype=torch.int32)  # positions < 2**31 per layer; half of int64's memory
-        slots[: init_pos.numel()] = init_pos
+        device = self.weight.device
+        slots = torch.full((k,), -1, dtype=torch.int32, device=device)  # positions < 2**31 per layer; half of int64's memory
+        slots[: init_pos.numel()] = init_pos.to(device)
         self.register_buffer("slots", slots)
-        self.delta = nn.Parameter(torch.zeros(k, dtype=torch.float32))
+        self.delta = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
         self.observer: Callable[["SeftLinear", torch.Tensor], torch.Tensor] | None = None
         self.defer = defer or self.weight.dtype != torch.float32  # merges kept apart, in fp32
         self.merged_pos = torch.empty(0, dtype=torch.int32, device=self.weight.device)
@@ -98,10 +101,12 @@ class SeftLinear(nn.Module):
 
     @torch.no_grad()
     def merge_slots(self, slots: torch.Tensor) -> None:
-        """Fold the δ of `slots` into W (fp32 base) or into the fp32 merged store (deferred)."""
-        pos, val = self.slots[slots].long(), self.delta.data[slots].float()
+        """Fold the δ of `slots` into W (fp32 base) or into the fp32 merged store (deferred).
+        Between steps W and δ may be FSDP2 shards: δ's values are gathered (every rank calls
+        this alike), W is written where this rank holds it."""
+        pos, val = self.slots[slots].long(), full_tensor(self.delta)[slots].float()
         if not self.defer:
-            self.weight.data.view(-1).index_add_(0, pos, val.to(self.weight.dtype))
+            local_part(self.weight).add_(pos, val)
             return
         all_pos = torch.cat([self.merged_pos.long(), pos])
         uniq, inverse = torch.unique(all_pos, return_inverse=True)

@@ -1,7 +1,9 @@
 """Repair methods, all driven by one training loop (`seftc.repair.trainer`).
 
-Each method attaches its trainable state to the model, steps its optimizer, and finally leaves a
-plain model (every target an `nn.Linear`) behind:
+Each method attaches its trainable state to the model (`attach`), makes its optimizer once the
+engine (distributed.py: DDP or FSDP2) has wrapped the model (`start`), steps it, and finally
+leaves a plain model (every target an `nn.Linear`) behind (`finalize`, after the whole weights
+are gathered from FSDP2 shards where they are needed):
 - `seft`, `seft-noregrow`: SEFT (see seft.py); the ablation grows only into active positions.
 - `static`: every active weight trainable, mask fixed (gradients and weights masked each step).
 - `masked-lora`: peft LoRA whose update B·A is multiplied by the mask, so sparsity is kept.
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from seftc.models.targets import Target
 from seftc.prune.masks import Pattern
 from seftc.repair.config import RepairConfig
+from seftc.repair.distributed import full_tensor, load_local, local_part
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -34,6 +37,8 @@ def _freeze_all(model: nn.Module) -> None:
 
 
 class SeftMethod:
+    needs_whole_model = False  # the final masks are the replicated active sets
+
     def __init__(self, cfg: RepairConfig, pattern: Pattern, reduce: Callable | None, regrow: bool = True):
         self.cfg, self.pattern, self.reduce, self.regrow = cfg, pattern, reduce, regrow
         self.controller = None
@@ -43,16 +48,16 @@ class SeftMethod:
         from seftc.repair.seft import SeftController, SeftOptions
 
         _freeze_all(model)
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         layers = {}
         for t in targets:
-            active = masks[t.name].reshape(-1)
+            active = masks[t.name].reshape(-1).to(t.module.weight.device)
             k = min(int(math.ceil(self.cfg.density * active.numel())), int(active.sum()))
-            if self.cfg.init == "random":
+            if self.cfg.init == "random":  # drawn on the CPU (the generator's device): the same positions on any device
                 where = active.nonzero().flatten()
-                init = where[torch.randperm(where.numel(), generator=gen)[:k]]
+                init = where[torch.randperm(where.numel(), generator=gen, device="cpu")[:k].to(where.device)]
             else:
-                init = torch.empty(0, dtype=torch.long)
+                init = torch.empty(0, dtype=torch.long, device=active.device)
             layer = SeftLinear(t.module, active, k, init, defer=self.cfg.delta_decay > 0)
             layer._seft_name = t.name
             _set_module(model, t.name, layer)
@@ -69,7 +74,10 @@ class SeftMethod:
 
     def set_importance(self, sq_norms: dict[str, torch.Tensor]) -> None:
         """‖X‖² per input column of each layer (the pruning-time importance's statistic)."""
-        self.controller.importance = dict(sq_norms)
+        self.controller.importance = {n: v.to(self.controller.layers[n].slots.device) for n, v in sq_norms.items()}
+
+    def start(self) -> None:
+        self.controller.start()
 
     def has_pending(self) -> bool:
         return self.controller.has_pending()
@@ -91,10 +99,12 @@ class SeftMethod:
     def after_step(self, step: int) -> dict[str, Any]:
         return self.controller.apply_pending() or {}
 
-    def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor], whole: bool = True) -> dict[str, torch.Tensor]:
+        """The final masks; with `whole` (the rank that saves), the layers merged into plain ones."""
         final = {}
         for name, layer in self.controller.layers.items():
-            _set_module(model, name, layer.merge())
+            if whole:
+                _set_module(model, name, layer.merge())
             final[name] = layer.active.reshape(layer.out_features, layer.in_features).clone()
         return final
 
@@ -119,7 +129,10 @@ class _TorchOptimMethod:
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[torch.Tensor] = []
 
-    def _make_optimizer(self) -> None:
+    def start(self) -> None:
+        """Stock AdamW over the trainable parameters as the model holds them now (FSDP2 shards,
+        after `fully_shard`: AdamW steps DTensors, its state sharded alike)."""
+        self.params = self._trainable()
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
 
     def trainable(self) -> list[torch.Tensor]:
@@ -141,6 +154,7 @@ class _TorchOptimMethod:
         return {}
 
     needs_importance = False
+    needs_whole_model = False
 
     def has_pending(self) -> bool:
         return False
@@ -149,23 +163,26 @@ class _TorchOptimMethod:
         return {}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"param.{i}": p.data for i, p in enumerate(self.params)}
+        """Whole tensors on the CPU (gathered from FSDP2 shards: every rank calls this alike)."""
+        out = {f"param.{i}": full_tensor(p) for i, p in enumerate(self.params)}
         for i, p in enumerate(self.params):
             st = self.optimizer.state.get(p)
             if st:
-                out[f"opt.{i}.exp_avg"], out[f"opt.{i}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
-                out[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-        return {k: v.contiguous() for k, v in out.items()}
+                out[f"opt.{i}.exp_avg"], out[f"opt.{i}.exp_avg_sq"] = full_tensor(st["exp_avg"]), full_tensor(st["exp_avg_sq"])
+                out[f"opt.{i}.step"] = torch.as_tensor(float(st["step"]), dtype=torch.float32, device="cpu").reshape(1)
+        return {k: v.to("cpu").contiguous() for k, v in out.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         for i, p in enumerate(self.params):
-            p.data.copy_(tensors[f"param.{i}"])
+            load_local(p, tensors[f"param.{i}"])
             if f"opt.{i}.exp_avg" in tensors:
-                self.optimizer.state[p] = {
-                    "exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
-                    "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
-                    "step": torch.tensor(float(tensors[f"opt.{i}.step"][0])),
-                }
+                moments = []
+                for key in ("exp_avg", "exp_avg_sq"):
+                    m = torch.zeros_like(p.detach())  # sharded as the parameter is
+                    load_local(m, tensors[f"opt.{i}.{key}"])
+                    moments.append(m)
+                self.optimizer.state[p] = {"exp_avg": moments[0], "exp_avg_sq": moments[1],
+                                           "step": torch.tensor(float(tensors[f"opt.{i}.step"][0]), device="cpu")}
 
     def meta(self) -> dict[str, Any]:
         return {}
@@ -174,21 +191,29 @@ class _TorchOptimMethod:
 class StaticMethod(_TorchOptimMethod):
     def attach(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
         _freeze_all(model)
-        self.masks = {t.name: masks[t.name] for t in targets}
+        self.masks = {t.name: masks[t.name].to(t.module.weight.device) for t in targets}
         self.modules = {t.name: t.module for t in targets}
         for t in targets:
             t.module.weight.requires_grad_(True)
-            t.module.weight.register_hook(lambda g, m=masks[t.name]: g * m)
-        self.params = [t.module.weight for t in targets]
-        self._make_optimizer()
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [m.weight for m in self.modules.values()]
 
     def optimizer_step(self, lr: float) -> None:
+        """The gradients masked, AdamW, the weights masked: on the part of each weight this rank
+        holds (all of it, or its FSDP2 shard)."""
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                if module.weight.grad is not None:
+                    grad = local_part(module.weight.grad)
+                    grad.flat.mul_(grad.rows_of(self.masks[name]).to(grad.flat.device))
         super().optimizer_step(lr)
         with torch.no_grad():
             for name, module in self.modules.items():
-                module.weight.masked_fill_(~self.masks[name], 0.0)
+                weight = local_part(module.weight)
+                weight.flat.masked_fill_(~weight.rows_of(self.masks[name]).to(weight.flat.device), 0.0)
 
-    def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor], whole: bool = True) -> dict[str, torch.Tensor]:
         for module in self.modules.values():
             module.weight.requires_grad_(False)
         return self.masks
@@ -212,26 +237,33 @@ class LoraMethod(_TorchOptimMethod):
         self.lora_layers = {t.name: model.get_submodule(t.name) for t in targets}
         if self.mode == "masked":
             for name, layer in self.lora_layers.items():
-                layer.forward = types.MethodType(_masked_lora_forward(masks[name]), layer)
-        self.params = [p for n, p in model.named_parameters() if "lora_" in n]
-        for p in self.params:
+                layer.forward = types.MethodType(_masked_lora_forward(masks[name].to(layer.get_base_layer().weight.device)), layer)
+        self.model = model
+        for p in self._trainable():
             p.requires_grad_(True)
-        self._make_optimizer()
 
-    def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for n, p in self.model.named_parameters() if "lora_" in n]
+
+    @property
+    def needs_whole_model(self) -> bool:
+        """Every rank needs the merged weights to know the final masks (lora-dense, lora-merge)."""
+        return self.mode != "masked"
+
+    def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor], whole: bool = True) -> dict[str, torch.Tensor]:
+        if not whole:
+            return {name: masks[name] for name in self.lora_layers}  # masked: the masks are kept
         final = {}
         with torch.no_grad():
             for name, layer in self.lora_layers.items():
                 base = layer.get_base_layer()
                 delta = layer.get_delta_weight("default")
                 if self.mode == "masked":
-                    delta = delta * masks[name]
-                merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=base.weight.dtype)
-                merged.weight.copy_(base.weight + delta.to(base.weight.dtype))
-                if base.bias is not None:
-                    merged.bias.copy_(base.bias)
-                _set_module(model, name, merged)
-                final[name] = masks[name] if self.mode == "masked" else merged.weight != 0
+                    delta = delta * masks[name].to(delta.device)
+                base.weight.add_(delta.to(base.weight.dtype))  # in place: no second copy of the layer
+                del delta
+                _set_module(model, name, base)
+                final[name] = masks[name] if self.mode == "masked" else base.weight != 0
         if self.mode == "merge" and self.reprune is not None:
             final = self.reprune(model)
         return final

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from seftc.repair.distributed import full_tensor, load_local, local_part
+
 
 @dataclass
 class SlotState:
@@ -22,10 +24,13 @@ CHUNK = 1 << 20  # slots per elementwise pass: the step's temporaries stay ~16 M
 
 
 class SlotAdamW:
+    """Steps the slots this rank holds: all of them, or under FSDP2 its shard of each δ (the
+    moments are sharded alike, so the optimizer state falls with the number of ranks)."""
+
     def __init__(self, params: list[torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.state = [SlotState(torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        self.state = [SlotState(*(torch.zeros_like(p.detach()) for _ in range(3))) for p in params]
 
     @torch.no_grad()
     def step(self, lr: float | None = None) -> None:
@@ -34,9 +39,9 @@ class SlotAdamW:
         for p, s in zip(self.params, self.state):
             if p.grad is None:
                 continue
-            for i in range(0, p.numel(), CHUNK):
-                sl = slice(i, i + CHUNK)
-                w, g, m, v, t = p.data[sl], p.grad[sl], s.m[sl], s.v[sl], s.t[sl]
+            parts = [local_part(x).flat for x in (p, p.grad, s.m, s.v, s.t)]
+            for i in range(0, parts[0].numel(), CHUNK):
+                w, g, m, v, t = (x[i : i + CHUNK] for x in parts)
                 t += 1
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -53,16 +58,17 @@ class SlotAdamW:
     def reset_slots(self, index: int, slots: torch.Tensor) -> None:
         s = self.state[index]
         for t in (s.m, s.v, s.t):
-            t[slots] = 0
+            local_part(t).fill_(slots, 0)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Whole tensors (gathered under FSDP2: every rank calls this alike)."""
         out = {}
         for i, s in enumerate(self.state):
-            out[f"{i}.m"], out[f"{i}.v"], out[f"{i}.t"] = s.m, s.v, s.t
+            out[f"{i}.m"], out[f"{i}.v"], out[f"{i}.t"] = full_tensor(s.m), full_tensor(s.v), full_tensor(s.t)
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for i, s in enumerate(self.state):
-            s.m.copy_(tensors[f"{i}.m"])
-            s.v.copy_(tensors[f"{i}.v"])
-            s.t.copy_(tensors[f"{i}.t"])
+            load_local(s.m, tensors[f"{i}.m"])
+            load_local(s.v, tensors[f"{i}.v"])
+            load_local(s.t, tensors[f"{i}.t"])

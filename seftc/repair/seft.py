@@ -56,8 +56,15 @@ Decisions left open by the spec, and ours:
   u + protect. Slots freed by prune-back are refilled at the next growth, so k stays constant.
 - Initial η: `init="random"` (uniform over A, seeded) or `init="gradient"` (top-|g| over A from
   the first step's gradient, taken inside the first backward so step 0 already trains them).
-- Under torchrun the dense gradients are all-reduced before any statistic is taken, so every rank
-  takes the same decision.
+- Under torchrun (distributed.py) each rank's δ gradient comes from its own batch and the engine
+  (DDP or FSDP2) averages it; the statistics are reduced apart, only where a decision needs them,
+  so every rank takes the same decisions: the dense gradient is averaged over the ranks when a
+  statistic is not linear in it (the candidates at the window's start, the last-batch cost at the
+  update, every window step for `window`/`fisher` costs, the gradient init), while the linear
+  sums (candidate sums, the `window` growth sum) accumulate per rank and are averaged once, at the
+  update. A checkpoint stores their average, which every rank resumes from.
+- Between steps, W and δ may be FSDP2 shards: topology writes go to the part each rank holds
+  (distributed.local_part); masks, slot positions and the merged store are replicated.
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ import torch
 from seftc.prune.masks import Pattern
 from seftc.prune.wanda import wanda_scores
 from seftc.repair import topology
+from seftc.repair.distributed import full_tensor, load_local, local_part
 from seftc.repair.layer import SeftLinear
 from seftc.repair.optim import SlotAdamW
 
@@ -130,8 +138,8 @@ class _LayerState:
     win_sq: torch.Tensor | None = None  # dense bf16, Σ g² over the window (evict_score fisher)
     win_sum: torch.Tensor | None = None  # dense bf16, Σ g over the window (grow_candidates window)
     win_n: int = 0
-    evicted_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    evicted_at: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))  # update index
+    evicted_pos: torch.Tensor | None = None  # positions evicted in the last updates (evict_cooldown)
+    evicted_at: torch.Tensor | None = None  # their update index
     pending: _Pending | None = None
     stats: LayerStats = field(default_factory=LayerStats)
 
@@ -143,8 +151,11 @@ class SeftController:
                  weight_decay: float = 0.0, reduce=None):
         self.layers, self.options, self.pattern, self.total_steps = layers, options, pattern, total_steps
         self.names = list(layers)
-        self.optimizer = SlotAdamW([l.delta for l in layers.values()], lr=lr, weight_decay=weight_decay)
-        self.state = {n: _LayerState(torch.full((l.delta.numel(),), -(10**9), dtype=torch.int32)) for n, l in layers.items()}
+        self.lr, self.weight_decay = lr, weight_decay
+        self.state = {n: _LayerState(torch.full((l.delta.numel(),), -(10**9), dtype=torch.int32, device=l.delta.device),
+                                     evicted_pos=torch.empty(0, dtype=torch.int64, device=l.delta.device),
+                                     evicted_at=torch.empty(0, dtype=torch.int32, device=l.delta.device))
+                      for n, l in layers.items()}
         self.update_index = 0
         self.step = 0
         self.micro = 0
@@ -153,6 +164,12 @@ class SeftController:
         self.importance: dict[str, torch.Tensor] = {}  # per layer ‖X‖² per input column (needs_importance)
         for layer in layers.values():
             layer.observer = self._observe
+        self.start()
+
+    def start(self) -> None:
+        """(Re)make the slot optimizer over each layer's δ as the model holds it now: repair calls it
+        again once the engine has wrapped the model (under FSDP2, δ is then a shard)."""
+        self.optimizer = SlotAdamW([l.delta for l in self.layers.values()], lr=self.lr, weight_decay=self.weight_decay)
 
     # -- schedule -------------------------------------------------------------------------------
     def _is_update_step(self, step: int) -> bool:
@@ -172,24 +189,28 @@ class SeftController:
 
     # -- statistics, inside each layer's backward ------------------------------------------------
     def _observe(self, layer: SeftLinear, dense: torch.Tensor) -> torch.Tensor:
-        init_now = self.options.init == "gradient" and self.step == 0 and self.micro == 0 and bool((layer.slots < 0).all())
+        """Statistics from this rank's dense gradient `dense` (returned unchanged: δ's gradient is
+        averaged by the engine); decisions from statistics averaged over the ranks."""
+        o = self.options
+        init_now = o.init == "gradient" and self.step == 0 and self.micro == 0 and bool((layer.slots < 0).all())
         window = self._in_window(self.step)
-        if (window or init_now) and self.reduce is not None:
-            dense = self.reduce(dense)
-        name = self._name_of(layer)
-        st = self.state[name]
+        if not (window or init_now):
+            return dense
+        st = self.state[self._name_of(layer)]
+        start = window and self._window_start(self.step) and self.micro == 0
+        decide = window and self._is_update_step(self.step) and self.micro == self.n_micro - 1
+        nonlinear = init_now or (start and o.grow_candidates == "first") or decide or o.evict_score in ("window", "fisher")
+        mean = self.reduce(dense) if self.reduce is not None and nonlinear else dense  # averaged over the ranks
         if init_now:
-            score = torch.where(layer.active, dense.abs(), torch.full_like(dense, -1.0))
-            k = layer.delta.numel()
-            layer.slots.copy_(torch.topk(score, k).indices)
+            score = torch.where(layer.active, mean.abs(), torch.full_like(mean, -1.0))
+            layer.slots.copy_(torch.topk(score, layer.delta.numel()).indices)
         if not window:
             return dense
-        o = self.options
-        if self._window_start(self.step) and self.micro == 0:
+        if start:
             if o.grow_candidates == "first":
                 update_step = self.step - self.step % o.update_interval + o.update_interval - 1
-                st.cand_pos = self._candidates(layer, st, dense.abs(), self._reactivates(update_step))
-                st.cand_sum = torch.zeros(st.cand_pos.numel(), dtype=torch.float32)
+                st.cand_pos = self._candidates(layer, st, mean.abs(), self._reactivates(update_step))
+                st.cand_sum = torch.zeros(st.cand_pos.numel(), dtype=torch.float32, device=dense.device)
             st.cand_n = 0
             zeros = lambda: torch.zeros_like(dense, dtype=torch.bfloat16)  # noqa: E731
             st.win_abs = zeros() if o.evict_score == "window" else None
@@ -197,18 +218,23 @@ class SeftController:
             st.win_sum = zeros() if o.grow_candidates == "window" else None
             st.win_n = 0
         if st.cand_pos is not None:
-            st.cand_sum += dense[st.cand_pos]
+            st.cand_sum += dense[st.cand_pos]  # this rank's sum; averaged at the update
         if st.cand_pos is not None or st.win_sum is not None:
             st.cand_n += 1
         if st.win_abs is not None:
-            st.win_abs += (layer.effective_weight().reshape(-1).float().abs() * dense.abs()).to(torch.bfloat16)
+            st.win_abs += (layer.effective_weight().reshape(-1).float().abs() * mean.abs()).to(torch.bfloat16)
         if st.win_sq is not None:
-            st.win_sq += dense.square().to(torch.bfloat16)
+            st.win_sq += mean.square().to(torch.bfloat16)
         if st.win_sum is not None:
-            st.win_sum += dense.to(torch.bfloat16)
+            st.win_sum += dense.to(torch.bfloat16)  # this rank's sum; averaged at the update
         st.win_n += 1
-        if self._is_update_step(self.step) and self.micro == self.n_micro - 1:
-            st.pending = self._decide(layer, st, dense)
+        if decide:
+            if self.reduce is not None:
+                if st.cand_sum is not None:
+                    st.cand_sum = self.reduce(st.cand_sum)
+                if st.win_sum is not None:
+                    st.win_sum = self.reduce(st.win_sum.float()).to(torch.bfloat16)
+            st.pending = self._decide(layer, st, mean)
         return dense
 
     def _reactivates(self, update_step: int) -> bool:
@@ -226,7 +252,7 @@ class SeftController:
             outside[st.evicted_pos] = False
         score = torch.where(outside, score.float(), torch.full_like(score, -1.0, dtype=torch.float32))
         c = min(int(math.ceil(self.options.candidates * layer.delta.numel())), int(outside.sum()))
-        return torch.topk(score, c).indices if c > 0 else torch.empty(0, dtype=torch.long)
+        return torch.topk(score, c).indices if c > 0 else torch.empty(0, dtype=torch.long, device=score.device)
 
     def _name_of(self, layer: SeftLinear) -> str:
         return layer._seft_name  # set by `attach`
@@ -240,7 +266,7 @@ class SeftController:
             importance = wanda_scores(layer.effective_weight(), self.importance[layer._seft_name])
         gen = None
         if o.evict_score == "random":  # seeded by (seed, update, layer): a resumed run draws the same
-            gen = torch.Generator().manual_seed(o.seed * 1_000_003 + self.update_index * 1009 + self.names.index(layer._seft_name))
+            gen = torch.Generator(device="cpu").manual_seed(o.seed * 1_000_003 + self.update_index * 1009 + self.names.index(layer._seft_name))
         return topology.eviction_cost(
             o.evict_score, layer.effective_weight(), dense, layer.active,
             abs_mean=st.win_abs.float() / n if st.win_abs is not None else None,
@@ -268,7 +294,7 @@ class SeftController:
         protected_pos[layer.slots[protected_slot]] = True
         sens = self._cost(layer, st, dense)
         # pool: the pruned candidates a growth may reactivate
-        pool = ~layer.active[cand] & ~in_eta[cand] if reactivate else torch.zeros(cand.numel(), dtype=torch.bool)
+        pool = ~layer.active[cand] & ~in_eta[cand] if reactivate else torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
         cols = layer.in_features
         caps = topology.row_caps(layer.active, cols, o.row_cap) if o.row_cap is not None else None
         limit = int(math.floor(o.reactivation_cap * layer.target)) if o.reactivation_cap is not None else None
@@ -359,7 +385,7 @@ class SeftController:
                 self._free(i, layer, p.drop)
             # 2. prune back: zero W there, leave A, free any slot on it
             if p.remove.numel():
-                layer.weight.data.view(-1)[p.remove] = 0
+                local_part(layer.weight).fill_(p.remove, 0)
                 layer.forget(p.remove)
                 layer.active[p.remove] = False
                 on_slot = torch.isin(layer.slots, p.remove).nonzero().flatten()
@@ -367,14 +393,15 @@ class SeftController:
             if self.options.evict_cooldown:
                 keep = st.evicted_at > self.update_index - self.options.evict_cooldown
                 st.evicted_pos = torch.cat([st.evicted_pos[keep], p.remove.long()])
-                st.evicted_at = torch.cat([st.evicted_at[keep], torch.full((p.remove.numel(),), self.update_index, dtype=torch.int32)])
+                st.evicted_at = torch.cat([st.evicted_at[keep], torch.full((p.remove.numel(),), self.update_index, dtype=torch.int32,
+                                                                           device=p.remove.device)])
             emptied = int((rows_before & ~layer.active.view(layer.out_features, -1).any(dim=1)).sum())
             # 3. grow: enter A (W is 0 there if it was pruned), take free slots with δ = 0
             regrown = int((~layer.active[p.grow]).sum())
             layer.active[p.grow] = True
             free_slots = (layer.slots < 0).nonzero().flatten()[: p.grow.numel()]
             layer.slots[free_slots] = p.grow[: free_slots.numel()].to(layer.slots.dtype)
-            layer.delta.data[free_slots] = 0
+            local_part(layer.delta).fill_(free_slots, 0)
             st.birth[free_slots] = self.update_index
             self.optimizer.reset_slots(i, free_slots)
             s = st.stats
@@ -398,7 +425,7 @@ class SeftController:
 
     def _free(self, i: int, layer: SeftLinear, slots: torch.Tensor) -> None:
         layer.slots[slots] = -1
-        layer.delta.data[slots] = 0
+        local_part(layer.delta).fill_(slots, 0)
         self.optimizer.reset_slots(i, slots)
 
     def check(self, name: str) -> None:
@@ -408,7 +435,8 @@ class SeftController:
         problems = []
         if n_active != layer.target:
             problems.append(f"|A| = {n_active} != T = {layer.target}")
-        if bool((layer.weight.data.view(-1)[~layer.active] != 0).any()):
+        weight = local_part(layer.weight)  # the part of W this rank holds
+        if bool((weight.flat[~weight.rows_of(layer.active)] != 0).any()):
             problems.append("W non-zero outside A")
         if layer.merged_pos.numel() and not bool(layer.active[layer.merged_pos.long()].all()):
             problems.append("merged δ outside A")
@@ -424,22 +452,27 @@ class SeftController:
 
     # -- checkpoint ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the state, whole and on the CPU (gathered from FSDP2 shards, the
+        per-rank sums averaged: every rank calls this alike)."""
+        mean = self.reduce or (lambda t: t)
         out: dict[str, torch.Tensor] = {}
         for i, name in enumerate(self.names):
             layer, st = self.layers[name], self.state[name]
-            out[f"{i}.weight"] = layer.weight.data
+            out[f"{i}.weight"] = full_tensor(layer.weight)
             out[f"{i}.active"] = layer.active.to(torch.uint8)
             out[f"{i}.slots"] = layer.slots
-            out[f"{i}.delta"] = layer.delta.data
+            out[f"{i}.delta"] = full_tensor(layer.delta)
             out[f"{i}.birth"] = st.birth
             if st.cand_pos is not None:
                 out[f"{i}.cand_pos"] = st.cand_pos
-                out[f"{i}.cand_sum"] = st.cand_sum
-            out[f"{i}.cand_n"] = torch.tensor(st.cand_n)
-            for key in ("win_abs", "win_sq", "win_sum"):
+                out[f"{i}.cand_sum"] = mean(st.cand_sum)
+            out[f"{i}.cand_n"] = torch.tensor(st.cand_n, device="cpu")
+            for key in ("win_abs", "win_sq"):
                 if getattr(st, key) is not None:
                     out[f"{i}.{key}"] = getattr(st, key)
-            out[f"{i}.win_n"] = torch.tensor(st.win_n)
+            if st.win_sum is not None:
+                out[f"{i}.win_sum"] = mean(st.win_sum.float()).to(torch.bfloat16)
+            out[f"{i}.win_n"] = torch.tensor(st.win_n, device="cpu")
             if st.evicted_pos.numel():
                 out[f"{i}.evicted_pos"], out[f"{i}.evicted_at"] = st.evicted_pos, st.evicted_at
             if layer.merged_pos.numel():
@@ -448,27 +481,28 @@ class SeftController:
                 out[f"{i}.importance"] = self.importance[name]
         for key, t in self.optimizer.state_tensors().items():
             out[f"opt.{key}"] = t
-        return {k: v.contiguous() for k, v in out.items()}
+        return {k: v.to("cpu").contiguous() for k, v in out.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         for i, name in enumerate(self.names):
             layer, st = self.layers[name], self.state[name]
-            layer.weight.data.copy_(tensors[f"{i}.weight"])
+            device = layer.slots.device
+            get = lambda key, empty_dtype=None: (  # noqa: E731  a saved tensor on this layer's device (or an empty one, or None)
+                tensors[f"{i}.{key}"].to(device) if f"{i}.{key}" in tensors
+                else torch.empty(0, dtype=empty_dtype, device=device) if empty_dtype is not None else None)
+            load_local(layer.weight, tensors[f"{i}.weight"])
             layer.active.copy_(tensors[f"{i}.active"].bool())
             layer.slots.copy_(tensors[f"{i}.slots"])
-            layer.delta.data.copy_(tensors[f"{i}.delta"])
+            load_local(layer.delta, tensors[f"{i}.delta"])
             st.birth.copy_(tensors[f"{i}.birth"])
-            st.cand_pos = tensors.get(f"{i}.cand_pos")
-            st.cand_sum = tensors.get(f"{i}.cand_sum")
+            st.cand_pos, st.cand_sum = get("cand_pos"), get("cand_sum")
             st.cand_n = int(tensors[f"{i}.cand_n"]) if f"{i}.cand_n" in tensors else 0
-            st.win_abs, st.win_sq, st.win_sum = (tensors.get(f"{i}.{key}") for key in ("win_abs", "win_sq", "win_sum"))
+            st.win_abs, st.win_sq, st.win_sum = get("win_abs"), get("win_sq"), get("win_sum")
             st.win_n = int(tensors[f"{i}.win_n"]) if f"{i}.win_n" in tensors else 0
-            st.evicted_pos = tensors.get(f"{i}.evicted_pos", torch.empty(0, dtype=torch.int64))
-            st.evicted_at = tensors.get(f"{i}.evicted_at", torch.empty(0, dtype=torch.int32))
-            layer.merged_pos = tensors.get(f"{i}.merged_pos", torch.empty(0, dtype=torch.int32))
-            layer.merged_val = tensors.get(f"{i}.merged_val", torch.empty(0, dtype=torch.float32))
+            st.evicted_pos, st.evicted_at = get("evicted_pos", torch.int64), get("evicted_at", torch.int32)
+            layer.merged_pos, layer.merged_val = get("merged_pos", torch.int32), get("merged_val", torch.float32)
             if f"{i}.importance" in tensors:
-                self.importance[name] = tensors[f"{i}.importance"]
+                self.importance[name] = tensors[f"{i}.importance"].to(device)
             st.stats = LayerStats(**meta["stats"][name])
         self.optimizer.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
         self.update_index = meta["update_index"]

@@ -20,7 +20,7 @@ def select_drop(delta: torch.Tensor, live: torch.Tensor, protected: torch.Tensor
     eligible = live & ~protected
     n = min(n, int(eligible.sum()))
     if n <= 0:
-        return torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.long, device=delta.device)
     score = torch.where(eligible, delta.detach().abs(), torch.full_like(delta, float("inf")))
     return torch.topk(score, n, largest=False, sorted=True).indices
 
@@ -41,7 +41,7 @@ def select_grow(
     pos, score = cand_pos[ok], cand_score[ok]
     count = min(count, pos.numel())
     if count <= 0:
-        return torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.long, device=cand_pos.device)
     return pos[torch.topk(score, count, largest=True, sorted=True).indices]
 
 
@@ -67,7 +67,7 @@ def rank_within(groups: torch.Tensor) -> torch.Tensor:
     _, counts = torch.unique_consecutive(groups[order], return_counts=True)
     starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     rank = torch.empty_like(groups)
-    rank[order] = torch.arange(groups.numel(), dtype=groups.dtype) - starts
+    rank[order] = torch.arange(groups.numel(), dtype=groups.dtype, device=groups.device) - starts
     return rank
 
 
@@ -83,7 +83,7 @@ def select_prune_back(active: torch.Tensor, sensitivity: torch.Tensor, protected
     (rows of `cols` positions), at most caps[r] of them in row r: then fewer than `excess` may
     come back, and the caller gives up as many reactivations."""
     if excess <= 0:
-        return torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.long, device=active.device)
     eligible = active & ~protected
     if caps is None:
         if int(eligible.sum()) < excess:
@@ -99,7 +99,7 @@ def select_prune_back(active: torch.Tensor, sensitivity: torch.Tensor, protected
 def cap_swaps(grown: torch.Tensor, removed: torch.Tensor, cols: int, caps: torch.Tensor | None, limit: int | None) -> torch.Tensor:
     """Which N:M swaps (in priority order) stay under the caps: at most caps[r] evictions in row r
     and `limit` swaps in all. Returns a bool mask over the swaps."""
-    keep = torch.ones(grown.numel(), dtype=torch.bool)
+    keep = torch.ones(grown.numel(), dtype=torch.bool, device=grown.device)
     if caps is not None and grown.numel():
         rows = removed // cols
         keep &= rank_within(rows) < caps[rows]
@@ -145,7 +145,8 @@ def eviction_cost(kind: str, w_eff: torch.Tensor, last_grad: torch.Tensor, activ
     elif kind == "magnitude":
         cost = rescale(w, first, active)
     elif kind == "random":
-        cost = rescale(torch.rand(w.numel(), generator=generator), first, active)
+        # drawn on the CPU (the seeded generator's device), so every device draws the same numbers
+        cost = rescale(torch.rand(w.numel(), generator=generator, device="cpu").to(w.device), first, active)
     else:
         raise ValueError(f"unknown eviction score {kind!r}; choose one of {', '.join(EVICT_SCORES)}")
     if blend > 0:
@@ -178,15 +179,15 @@ def nm_swaps(
     pos, groups = pos[order], groups[order]
     gain = gain[order] if gain is not None else None
     unique_groups, inverse = torch.unique(groups, return_inverse=True)
-    first_idx = torch.full((unique_groups.numel(),), pos.numel(), dtype=torch.long)
-    first_idx.scatter_reduce_(0, inverse, torch.arange(pos.numel()), reduce="amin")
+    first_idx = torch.full((unique_groups.numel(),), pos.numel(), dtype=torch.long, device=pos.device)
+    first_idx.scatter_reduce_(0, inverse, torch.arange(pos.numel(), device=pos.device), reduce="amin")
     first = torch.zeros_like(groups, dtype=torch.bool)
     first[first_idx] = True
     pos, groups = pos[first], groups[first]
     gain = gain[first] if gain is not None else None
-    members = groups[:, None] * m + torch.arange(m)[None, :]
+    members = groups[:, None] * m + torch.arange(m, device=groups.device)[None, :]
     eligible = active[members] & ~protected[members]
-    sens = torch.where(eligible, sensitivity[members], torch.full(members.shape, float("inf")))
+    sens = torch.where(eligible, sensitivity[members], torch.full(members.shape, float("inf"), device=sensitivity.device))
     best = sens.argmin(dim=1)
     has = eligible.any(dim=1)
     if gain is not None:
