@@ -610,6 +610,9 @@ int64_t best_isa() { return detect_isa(); }
 
 }  // namespace
 
+// The level in use (set_isa included), for the extension's other kernel files (sparse_int8.cpp).
+int64_t seftc_cpu_active_isa() { return active_isa(); }
+
 TORCH_LIBRARY_IMPL(seftc, CPU, m) { m.impl("sparse_linear", &sparse_linear_cpu); }
 
 TORCH_LIBRARY(seftc_cpu, m) {

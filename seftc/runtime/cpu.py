@@ -1,8 +1,8 @@
 """Building and loading the C++ CPU kernels (`kernels/cpu/`), and choosing their instruction set.
 
 The extension is compiled once with torch's extension loader into `$SEFTC_CACHE/kernels` (default
-`~/.cache/seftc/kernels`). It registers the CPU implementation of `seftc::sparse_linear` and a few
-`seftc_cpu::` helpers (`decompress`: a layout's dense weight into a caller's buffer). The instruction
+`~/.cache/seftc/kernels`). It registers the CPU implementations of `seftc::sparse_linear` and
+(sparse_int8.cpp) `seftc::sparse_linear_int8`, and a few `seftc_cpu::` helpers (`decompress`: a layout's dense weight into a caller's buffer). The instruction
 set (AVX-512 with AVX512-BF16 / AVX-512 / AVX2 / scalar) is picked at run time inside the library;
 `SEFTC_ISA=avx512|avx2|scalar` or `force_isa()` caps it (tests use this to check all paths).
 """
@@ -18,7 +18,7 @@ from typing import Iterator
 
 ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 ISA_NAMES = {v: k for k, v in ISA_LEVELS.items()}
-SOURCES = ("sparse_linear.cpp",)
+SOURCES = ("sparse_linear.cpp", "sparse_int8.cpp")
 
 
 def source_dir() -> Path:
