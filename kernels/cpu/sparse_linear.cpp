@@ -8,7 +8,7 @@
 //
 // One build runs everywhere: the ISA is chosen at run time (__builtin_cpu_supports) and each
 // SIMD path lives in functions compiled with their own target attribute.
-//   level 3: AVX-512 + AVX512-BF16       level 2, and bf16 prefill on vdpbf16ps (two columns per op)
+//   level 3: AVX-512 + AVX512-BF16       level 2, and bf16 prefill above 64 tokens on vdpbf16ps (two columns per op)
 //   level 2: AVX-512 (F, BW, VL)        a masked expand (register form) decodes 16 values per mask word
 //   level 1: AVX2 + FMA                  a 256-entry shuffle table decodes 8 values per mask byte
 //   level 0: scalar                      bit iteration
@@ -28,6 +28,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 
@@ -210,33 +211,48 @@ __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline void row_avx5
 // Tp = nW * WT, are cut into nW windows of WT = 16*NZ tokens, and window w is a contiguous panel
 // [Cp, WT] (fp32). Each stored weight is broadcast once and multiplied into the WT tokens of its
 // column, held in NZ registers: the work is proportional to the stored values, not to the dense
-// size. Two sets of accumulators take alternate stored values, so that consecutive multiply-adds
-// into one register do not wait on each other's latency. yt is [R, Tp].
+// size. Loop order, for the caches: a thread's rows go in blocks whose stored weights stay in L2
+// (kBlockBytes); for each window, the columns go in groups of whole mask words whose slice of the
+// panel fits in L1 (kChunkBytes), and each group sweeps the block's rows, adding into their
+// outputs (yt [R, Tp], kept in L2). So the multiply-adds read their activations from L1, not L2.
+// Two sets of accumulators take alternate stored values, so that consecutive multiply-adds into
+// one register do not wait on each other's latency.
+constexpr int64_t kBlockBytes = 192 * 1024;
+constexpr int64_t kChunkBytes = 16 * 1024;
+
 template <bool BF16, int NZ>
-__attribute__((target("avx512f,avx512bw,avx512vl,popcnt,bmi,bmi2"))) void row_prefill_avx512(
-    const uint64_t* m, int64_t W, const void* vals, const float* panel, float* y) {
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt,bmi,bmi2"))) void group_prefill_avx512(
+    const uint64_t* masks, int64_t W, const void* values, int64_t* ptr, int64_t rb, int64_t re, int64_t g0, int64_t g1,
+    const float* panel, float* yt, int64_t Tp) {
   constexpr int64_t WT = 16 * NZ;
-  __m512 a0[NZ], a1[NZ];
-  for (int i = 0; i < NZ; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
-  const float* pf = static_cast<const float*>(vals);
-  const uint16_t* ph = static_cast<const uint16_t*>(vals);
-  for (int64_t w = 0; w < W; ++w) {
-    uint64_t bits = m[w];
-    while (bits) {
-      int64_t c = w * 64 + _tzcnt_u64(bits);
-      bits = _blsr_u64(bits);
-      __m512 v = _mm512_set1_ps(BF16 ? bf16_to_float(*ph++) : *pf++);
-      const float* xc = panel + c * WT;
-      for (int i = 0; i < NZ; ++i) a0[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), a0[i]);
-      if (!bits) break;
-      c = w * 64 + _tzcnt_u64(bits);
-      bits = _blsr_u64(bits);
-      v = _mm512_set1_ps(BF16 ? bf16_to_float(*ph++) : *pf++);
-      xc = panel + c * WT;
-      for (int i = 0; i < NZ; ++i) a1[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), a1[i]);
+  for (int64_t r = rb; r < re; ++r) {
+    float* y = yt + r * Tp;
+    __m512 a0[NZ], a1[NZ];
+    for (int i = 0; i < NZ; ++i) {
+      a0[i] = g0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + 16 * i);
+      a1[i] = _mm512_setzero_ps();
     }
+    const float* pf = static_cast<const float*>(values) + ptr[r - rb];
+    const uint16_t* ph = static_cast<const uint16_t*>(values) + ptr[r - rb];
+    for (int64_t w = g0; w < g1; ++w) {
+      uint64_t bits = masks[r * W + w];
+      while (bits) {
+        int64_t c = w * 64 + _tzcnt_u64(bits);
+        bits = _blsr_u64(bits);
+        __m512 v = _mm512_set1_ps(BF16 ? bf16_to_float(*ph++) : *pf++);
+        const float* xc = panel + c * WT;
+        for (int i = 0; i < NZ; ++i) a0[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), a0[i]);
+        if (!bits) break;
+        c = w * 64 + _tzcnt_u64(bits);
+        bits = _blsr_u64(bits);
+        v = _mm512_set1_ps(BF16 ? bf16_to_float(*ph++) : *pf++);
+        xc = panel + c * WT;
+        for (int i = 0; i < NZ; ++i) a1[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xc + 16 * i), a1[i]);
+      }
+    }
+    ptr[r - rb] = BF16 ? ph - static_cast<const uint16_t*>(values) : pf - static_cast<const float*>(values);
+    for (int i = 0; i < NZ; ++i) _mm512_storeu_ps(y + 16 * i, _mm512_add_ps(a0[i], a1[i]));
   }
-  for (int i = 0; i < NZ; ++i) _mm512_storeu_ps(y + 16 * i, _mm512_add_ps(a0[i], a1[i]));
 }
 
 // Prefill with bf16 weights and activations on AVX512-BF16: panels of column pairs, [Cp/2, WT]
@@ -257,42 +273,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,popcnt,bmi,bmi2"))) 
 }
 
 template <int NZ>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,popcnt,bmi,bmi2"))) void row_prefill_dpbf16(
-    const uint64_t* m, int64_t W, const uint16_t* vals, const uint32_t* panel, float* y) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,popcnt,bmi,bmi2"))) void group_prefill_dpbf16(
+    const uint64_t* masks, int64_t W, const uint16_t* values, int64_t* ptr, int64_t rb, int64_t re, int64_t g0, int64_t g1,
+    const uint32_t* panel, float* yt, int64_t Tp) {
   constexpr int64_t WT = 16 * NZ;
-  __m512 a0[NZ], a1[NZ];
-  for (int i = 0; i < NZ; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
-  const uint16_t* p = vals;
-  for (int64_t w = 0; w < W; ++w) {
-    const uint64_t mw = m[w];
-    uint64_t pairs = (mw | (mw >> 1)) & 0x5555555555555555ull;  // bit 2j: column pair j holds a value
-    const uint32_t* xw = panel + w * 32 * WT;
-    while (pairs) {
-      unsigned j2 = static_cast<unsigned>(_tzcnt_u64(pairs));
-      pairs = _blsr_u64(pairs);
-      __m512i wv = pair_weight(mw, j2, p);
-      const uint32_t* xc = xw + (j2 >> 1) * WT;
-      for (int i = 0; i < NZ; ++i)
-        a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xc + 16 * i));
-      if (!pairs) break;
-      j2 = static_cast<unsigned>(_tzcnt_u64(pairs));
-      pairs = _blsr_u64(pairs);
-      wv = pair_weight(mw, j2, p);
-      xc = xw + (j2 >> 1) * WT;
-      for (int i = 0; i < NZ; ++i)
-        a1[i] = _mm512_dpbf16_ps(a1[i], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xc + 16 * i));
+  for (int64_t r = rb; r < re; ++r) {
+    float* y = yt + r * Tp;
+    __m512 a0[NZ], a1[NZ];
+    for (int i = 0; i < NZ; ++i) {
+      a0[i] = g0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + 16 * i);
+      a1[i] = _mm512_setzero_ps();
     }
+    const uint16_t* p = values + ptr[r - rb];
+    for (int64_t w = g0; w < g1; ++w) {
+      const uint64_t mw = masks[r * W + w];
+      uint64_t pairs = (mw | (mw >> 1)) & 0x5555555555555555ull;  // bit 2j: column pair j holds a value
+      const uint32_t* xw = panel + w * 32 * WT;
+      while (pairs) {
+        unsigned j2 = static_cast<unsigned>(_tzcnt_u64(pairs));
+        pairs = _blsr_u64(pairs);
+        __m512i wv = pair_weight(mw, j2, p);
+        const uint32_t* xc = xw + (j2 >> 1) * WT;
+        for (int i = 0; i < NZ; ++i)
+          a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xc + 16 * i));
+        if (!pairs) break;
+        j2 = static_cast<unsigned>(_tzcnt_u64(pairs));
+        pairs = _blsr_u64(pairs);
+        wv = pair_weight(mw, j2, p);
+        xc = xw + (j2 >> 1) * WT;
+        for (int i = 0; i < NZ; ++i)
+          a1[i] = _mm512_dpbf16_ps(a1[i], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xc + 16 * i));
+      }
+    }
+    ptr[r - rb] = p - values;
+    for (int i = 0; i < NZ; ++i) _mm512_storeu_ps(y + 16 * i, _mm512_add_ps(a0[i], a1[i]));
   }
-  for (int i = 0; i < NZ; ++i) _mm512_storeu_ps(y + 16 * i, _mm512_add_ps(a0[i], a1[i]));
 }
-
-// Prefill loop order. A thread's rows go in blocks whose stored weights stay in L2 (kBlockBytes);
-// inside a block, each window's panel (at most kWindowBytes, contiguous, so no cache-set aliasing)
-// sweeps the block's rows. (Row-outer order over a [Cp, Tp] buffer read all of it once per row,
-// at a 4 KB stride when Tp = 1024: megabytes per row from L3 at batch 16 x 64 tokens.)
-constexpr int64_t kBlockBytes = 192 * 1024;
-constexpr int64_t kWindowBytes = 384 * 1024;
-constexpr int kMaxNZ = 8;
 
 struct Windows {
   int nz;      // registers (16 tokens each) per window
@@ -300,25 +316,31 @@ struct Windows {
   int64_t Tp;  // padded tokens = n * 16 * nz
 };
 
-// Windows as equal as possible, each at most kMaxNZ registers and kWindowBytes of panel.
-Windows plan_windows(int64_t T, int64_t Cp, int64_t bytes_per_column_token) {
+// Windows as equal as possible, each of at most `max_nz` registers.
+Windows plan_windows(int64_t T, int max_nz) {
   const int64_t groups = (T + 15) / 16;
-  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(kMaxNZ, kWindowBytes / std::max<int64_t>(1, Cp * 16 * bytes_per_column_token)));
-  const int64_t n = (groups + fit - 1) / fit;
+  const int64_t n = (groups + max_nz - 1) / max_nz;
   const int nz = static_cast<int>((groups + n - 1) / n);
   return {nz, n, n * 16 * nz};
 }
 
-template <class RowFn>
-void prefill_blocked(const int64_t* offsets, int64_t W, int64_t value_bytes, int64_t r0, int64_t r1, int64_t windows, RowFn row) {
+// Calls group(rb, re, ptr, window, g0, g1) over row blocks x windows x column groups (see above);
+// ptr[r - rb] is row r's next stored value, advanced by the group kernel.
+template <class Group>
+void prefill_blocked(const int64_t* offsets, int64_t W, int64_t value_bytes, int64_t r0, int64_t r1, int64_t windows,
+                     int64_t group_words, Group group) {
+  std::vector<int64_t> ptr;
   for (int64_t rb = r0; rb < r1;) {
     int64_t re = rb, bytes = 0;
     while (re < r1 && (re == rb || bytes < kBlockBytes)) {
       bytes += (offsets[re + 1] - offsets[re]) * value_bytes + W * 8;
       ++re;
     }
-    for (int64_t w = 0; w < windows; ++w)
-      for (int64_t r = rb; r < re; ++r) row(r, w);
+    ptr.resize(re - rb);
+    for (int64_t w = 0; w < windows; ++w) {
+      for (int64_t r = rb; r < re; ++r) ptr[r - rb] = offsets[r];
+      for (int64_t g0 = 0; g0 < W; g0 += group_words) group(rb, re, ptr.data(), w, g0, std::min(W, g0 + group_words));
+    }
     rb = re;
   }
 }
@@ -335,35 +357,39 @@ void prefill_blocked(const int64_t* offsets, int64_t W, int64_t value_bytes, int
     default: CALL(8); break;      \
   }
 
+constexpr int kMaxNZ = 4;        // fp32 panels: 64 tokens x 64 columns x 4 B = one 16 KB chunk per mask word
+constexpr int kMaxNZPairs = 8;   // bf16 pair panels: 128 tokens x 32 pairs x 4 B = 16 KB per mask word
+
 template <bool BF16>
 __attribute__((noinline)) void rows_prefill(const uint64_t* masks, const void* values, const int64_t* offsets, const float* panels,
                                             float* yt, int64_t W, const Windows& win, int64_t r0, int64_t r1) {
   const int64_t Cp = W * 64, WT = 16 * win.nz;
-  prefill_blocked(offsets, W, BF16 ? 2 : 4, r0, r1, win.n, [&](int64_t r, int64_t w) {
-    const void* vals = BF16 ? static_cast<const void*>(static_cast<const uint16_t*>(values) + offsets[r])
-                            : static_cast<const void*>(static_cast<const float*>(values) + offsets[r]);
-    const float* panel = panels + w * Cp * WT;
-    float* y = yt + r * win.Tp + w * WT;
-#define SEFTC_CALL(N) row_prefill_avx512<BF16, N>(masks + r * W, W, vals, panel, y)
-    SEFTC_NZ_SWITCH(win.nz, SEFTC_CALL)
+  const int64_t group_words = std::max<int64_t>(1, kChunkBytes / (64 * WT * 4));
+  prefill_blocked(offsets, W, BF16 ? 2 : 4, r0, r1, win.n, group_words,
+                  [&](int64_t rb, int64_t re, int64_t* ptr, int64_t w, int64_t g0, int64_t g1) {
+#define SEFTC_CALL(N) \
+  group_prefill_avx512<BF16, N>(masks, W, values, ptr, rb, re, g0, g1, panels + w * Cp * WT, yt + w * WT, win.Tp)
+                    SEFTC_NZ_SWITCH(win.nz, SEFTC_CALL)
 #undef SEFTC_CALL
-  });
+                  });
 }
 
 __attribute__((noinline)) void rows_prefill_dpbf16(const uint64_t* masks, const uint16_t* values, const int64_t* offsets,
                                                    const uint32_t* panels, float* yt, int64_t W, const Windows& win, int64_t r0,
                                                    int64_t r1) {
   const int64_t Cp = W * 64, WT = 16 * win.nz;
-  prefill_blocked(offsets, W, 2, r0, r1, win.n, [&](int64_t r, int64_t w) {
-    const uint32_t* panel = panels + w * (Cp / 2) * WT;
-    float* y = yt + r * win.Tp + w * WT;
-#define SEFTC_CALL(N) row_prefill_dpbf16<N>(masks + r * W, W, values + offsets[r], panel, y)
-    SEFTC_NZ_SWITCH(win.nz, SEFTC_CALL)
+  const int64_t group_words = std::max<int64_t>(1, kChunkBytes / (32 * WT * 4));
+  prefill_blocked(offsets, W, 2, r0, r1, win.n, group_words,
+                  [&](int64_t rb, int64_t re, int64_t* ptr, int64_t w, int64_t g0, int64_t g1) {
+#define SEFTC_CALL(N) \
+  group_prefill_dpbf16<N>(masks, W, values, ptr, rb, re, g0, g1, panels + w * (Cp / 2) * WT, yt + w * WT, win.Tp)
+                    SEFTC_NZ_SWITCH(win.nz, SEFTC_CALL)
 #undef SEFTC_CALL
-  });
+                  });
 }
 
 constexpr int64_t kPrefillMin = 16;  // tokens from which the transposed (prefill) kernel is used
+constexpr int64_t kDotMin = 64;      // tokens above which bf16 prefill runs on vdpbf16ps (AVX512-BF16)
 
 // One token tile of one row, at compile-time tile width NB.
 template <int ISA, bool BF16, int NB>
@@ -548,8 +574,10 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& masks, const
     return y.view(out_shape);
   };
   if (isa >= 2 && T >= kPrefillMin && R > 0) {
-    const bool dp = isa >= 3 && bf16 && x2.scalar_type() == at::kBFloat16;
-    const Windows win = plan_windows(T, Cp, dp ? 2 : 4);
+    // bf16 dot products pay a few scalar instructions per column pair: measured here, they beat the
+    // fp32 broadcast kernel from 128 tokens on and lose below 64 (70% and 50% sparse, 1536 x 576)
+    const bool dp = isa >= 3 && bf16 && x2.scalar_type() == at::kBFloat16 && T > kDotMin;
+    const Windows win = plan_windows(T, dp ? kMaxNZPairs : kMaxNZ);
     const int64_t WT = 16 * win.nz;
     auto yt = at::empty({R, win.Tp}, x.options().dtype(at::kFloat));
     const uint64_t* mp = reinterpret_cast<const uint64_t*>(m.data_ptr<int64_t>());
