@@ -257,3 +257,21 @@ def test_inspect_a_foreign_compressed_tensors_folder(tiny, tmp_path):
     proj = [row for row in info["layers"] if row["name"].endswith("proj")]
     assert proj and {row["format"] for row in proj} == {"ct-sparse-bitmask"}
     assert all(row["bytes_per_weight"] < 4 for row in proj)
+
+
+def test_quantize_leaves_dense_tensors_dense(tmp_path):
+    """Only tensors stored sparse get int8 values: an embedding with a few exact zeros (no sparse
+    format is smaller than dense for it) stays dense and unquantized, although int8 would shrink it."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "m"
+    pruned_tiny_llama(src)
+    state = load_file(str(src / "model.safetensors"))
+    state["model.embed_tokens.weight"][:, :2] = 0  # 2 of 64 columns: ~3 % zeros
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    s = json.loads(run("pack", src, "-o", tmp_path / "p", "--quantize", "int8", "--json").stdout)
+    manifest = json.loads((tmp_path / "p" / "seftc_pack.json").read_text())
+    assert manifest["tensors"]["model.embed_tokens.weight"]["format"] == "dense"
+    assert s["formats"]["bitmask-int8"] == 14
+    with PackedReader(tmp_path / "p" / "packed.safetensors") as r:
+        assert torch.equal(r.read_dense("model.embed_tokens.weight"), state["model.embed_tokens.weight"])

@@ -147,15 +147,11 @@ def pack_tensor(name: str, t: torch.Tensor, fmt: str = "auto", exact_zeros: bool
         if not exact_zeros:
             t, negative = clear_negative_zeros(t)
         a = Analysis(t)
-        if quantize != "none" and a.nnz < a.numel and a.int8 is None:
-            raise SeftcError(f"tensor {name!r} holds NaN or infinite values, which int8 cannot represent; pack without --quantize")
-        named = candidates(fmt, quantize)[0] if fmt != "auto" else None
-        if a.nnz == a.numel:
-            chosen = "dense"
-        elif not only_if_smaller and named is not None and get_codec(named).fits(a):
-            chosen = named
-        else:
-            chosen = choose(a, fmt, name, quantize)
+        chosen = _choose(a, name, fmt, only_if_smaller)
+        if quantize != "none" and chosen != "dense":  # int8 values over the layout of a tensor stored sparse
+            if a.int8 is None:
+                raise SeftcError(f"tensor {name!r} holds NaN or infinite values, which int8 cannot represent; pack without --quantize")
+            chosen = _choose(a, name, fmt, only_if_smaller, quantize)
         packed = get_codec(chosen).encode(a)
         nonzero = a.nnz
     else:
@@ -163,6 +159,17 @@ def pack_tensor(name: str, t: torch.Tensor, fmt: str = "auto", exact_zeros: bool
         nonzero = int(torch.count_nonzero(t)) if t.is_floating_point() else t.numel()
     rec = TensorRecord(packed.format, list(packed.shape), st_name(packed.dtype), nonzero, packed.nbytes, packed.dense_bytes, negative)
     return packed, rec
+
+
+def _choose(a: Analysis, name: str, fmt: str, only_if_smaller: bool, quantize: str = "none") -> str:
+    """The format of one candidate tensor: dense without zeros; a named format wherever it holds
+    the tensor when not `only_if_smaller`; otherwise `registry.choose` (smallest, or dense)."""
+    named = candidates(fmt, quantize)[0] if fmt != "auto" else None
+    if a.nnz == a.numel:
+        return "dense"
+    if not only_if_smaller and named is not None and get_codec(named).fits(a):
+        return named
+    return choose(a, fmt, name, quantize)
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
