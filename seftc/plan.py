@@ -167,6 +167,11 @@ def _training_activations(s: ModelShape, batch: int, seqlen: int, checkpointing:
     return s.blocks * per_layer + logits
 
 
+def _packed(positions: int) -> int:
+    """Bytes of a mask held as packed bits (prune.masks.PackedMask)."""
+    return (positions + 7) // 8
+
+
 def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seqlen: int = 256, density: float = 0.02,
                 lora_r: int = 8, grad_checkpointing: bool = False, nproc: int = 1, fsdp: bool = False) -> Plan:
     if method not in REPAIR_METHODS:
@@ -178,21 +183,19 @@ def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seq
     # every rank loads the whole model; under FSDP2 it then keeps 1/N of it plus one gathered block, so the load is the peak
     p.terms["weights"] = s.params * d
     if method.startswith("seft"):
-        p.terms["masks"] = 2 * s.target_params  # two bool copies (the layer's and the topology's)
+        p.terms["masks"] = 2 * _packed(s.target_params)  # packed bits: the input's and the layer's
         slots = int(density * s.target_params)
         p.terms["SEFT slots"] = slots * SEFT_SHARDED_SLOT_BYTES // shard + slots * (SEFT_SLOT_BYTES - SEFT_SHARDED_SLOT_BYTES)
         p.terms["dense gradient (one layer)"] = s.max_target_numel * 4 * 3
     elif method == "static":
-        p.terms["masks"] = s.target_params
+        p.terms["masks"] = _packed(s.target_params)
         p.terms["gradients"] = s.target_params * d // shard
-        p.terms["optimizer state"] = s.target_params * 8 // shard
-        if d < 4:
-            p.terms["fp32 master weights"] = s.target_params * 4 // shard
+        p.terms["optimizer state"] = s.target_params * 2 * d // shard  # AdamW's two moments in the weights' dtype (no fp32 master copy)
     else:  # LoRA: r × (in + out) per target layer
         lora = lora_r * s.blocks * s.block_targets * 2 * s.hidden  # approximation: in + out ≈ 2 × hidden
         p.terms["adapters + grads + optimizer"] = lora * 4 * 4 // shard
         if method == "masked-lora":
-            p.terms["masks"] = s.target_params
+            p.terms["masks"] = _packed(s.target_params)
         if method in ("lora-merge", "masked-lora"):
             p.terms["merge (one layer)"] = s.max_target_numel * (4 + d)
     p.terms["activations"] = _training_activations(s, max(1, batch_size // nproc), seqlen, grad_checkpointing)

@@ -137,6 +137,58 @@ def test_slot_adam_bias_correction_is_per_slot():
     assert (before[1] - p.data[1]).item() == pytest.approx(0.1, rel=1e-3)
 
 
+def test_packed_masks_are_the_mask_file_bits():
+    """A mask is held as packed bits (1/8 of a bool tensor) in the layout of the mask file and its
+    checksum, on any length (padding bits zero)."""
+    import numpy as np
+
+    from seftc.prune.masks import PackedMask, mask_checksum, pack_bits, unpack_bits
+
+    torch.manual_seed(0)
+    for n in (1, 7, 8, 9, 61, 64):
+        flat = torch.rand(n) > 0.5
+        bits = pack_bits(flat)
+        assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
+        assert bits.tolist() == np.packbits(flat.numpy(), bitorder="little").tolist()
+        assert torch.equal(unpack_bits(bits, n), flat)
+    mask = torch.rand(6, 10) > 0.3
+    packed = PackedMask.pack(mask)
+    assert torch.equal(packed.unpack(), mask) and mask_checksum(packed) == mask_checksum(mask)
+
+
+def test_seft_layer_holds_one_packed_mask_and_merges_in_place():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8, bias=True)
+    mask = torch.rand(8, 16) > 0.5
+    base.weight.data *= mask
+    storage = base.weight.data.data_ptr()
+    layer = SeftLinear(base, mask, 6, mask.reshape(-1).nonzero().flatten()[:6])
+    assert not any(b.dtype == torch.bool for b in layer.buffers())  # no bool copy of the mask
+    assert layer.active_bits.numel() == 16 and torch.equal(layer.active.reshape(8, 16), mask)
+    layer.delta.data.normal_()
+    want = layer.effective_weight() * mask
+    merged = layer.merge()
+    assert merged.weight.data_ptr() == storage  # merged into W itself: no second copy of the layer
+    assert torch.equal(merged.weight.data, want) and merged.bias is base.bias and not merged.weight.requires_grad
+    assert layer.delta.numel() == 0  # δ freed
+
+
+@pytest.mark.parametrize("method", ["seft", "static", "masked-lora"])
+def test_repair_keeps_packed_masks_and_merges_into_the_loaded_weights(pruned, tmp_path, method):
+    """The run keeps every mask as packed bits, and the final merge writes into the weights the
+    model was loaded with (no new layers built while the old are held)."""
+    from seftc.models.loading import load_model, resolve_model
+    from seftc.prune.masks import PackedMask
+
+    loaded = load_model(resolve_model(str(pruned / "u70")))
+    before = {n: m.weight.data_ptr() for n, m in loaded.model.named_modules() if n.endswith("proj")}
+    r = repair(loaded, output=tmp_path / "r", method=method, density=0.05, device="cpu", **{**QUICK, "steps": 6})
+    after = {n: m.weight.data_ptr() for n, m in r.loaded.model.named_modules() if n.endswith("proj")}
+    assert before and after == before
+    assert r.masks and all(isinstance(m, PackedMask) for m in r.masks.values())
+    assert [x.mask_sha256 for x in r.manifest.layers] == [x.mask_sha256 for x in Manifest.load(tmp_path / "r").layers]
+
+
 # -- end to end ----------------------------------------------------------------------------------
 # SEFT v2 options (issue 16): window / Fisher eviction scores, importance blend, caps, cool-down, the pull to the base
 V2 = dict(evict_score="fisher", grow_candidates="window", row_cap=0.2, reactivation_cap=0.05, evict_cooldown=1, delta_decay=0.5)
@@ -265,6 +317,43 @@ def test_two_process_training_matches_single_process(pruned, tmp_path, method, e
     assert any(not torch.equal(a[k], load_file(src / "model.safetensors")[k]) for k in a)  # it trained
 
 
+_STOP_AND_RESUME = """
+import sys
+from seftc.repair.api import repair
+src, out, ckpt, stop, fsdp, resume = sys.argv[1:7]
+repair(src, output=out, checkpoint_dir=ckpt, stop_after=int(stop) or None, fsdp=fsdp == "1", resume=resume == "1", device="cpu",
+       density=0.05, checkpoint_every=3, max_shard_size="30KB", **{**%r, "steps": 8})
+"""
+
+
+def test_fsdp_checkpoint_is_whole_and_resumes_on_one_process(pruned, tmp_path):
+    """Under FSDP2 a checkpoint holds whole tensors (gathered from the shards, the per-rank window
+    sums averaged), streamed into shards; a single process resumes it and ends where an
+    uninterrupted single-process run does."""
+    script = tmp_path / "run.py"
+    script.write_text(_STOP_AND_RESUME % (QUICK,))
+    src, ckpt = pruned / "u70", tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(src),
+                        str(tmp_path / "stopped"), str(ckpt), "4", "1", "0"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    step = ckpt / (ckpt / "latest").read_text().strip()
+    assert step.name == "step-00000003" and (step / "state.safetensors.index.json").is_file()
+    from seftc.formats.shards import CheckpointReader, checkpoint_files
+
+    stored = CheckpointReader(checkpoint_files(step, prefix="state"))
+    slots = stored.get("0.slots").numel()  # replicated on every rank
+    assert stored.get("0.delta").numel() == stored.get("opt.0.m").numel() == slots  # whole, not one rank's shard
+    for out, resume in (("resumed", "1"), ("single", "0")):
+        r = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / out), str(tmp_path / f"ck-{out}" if resume == "0" else ckpt),
+                            "0", "0", resume], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (dict(CheckpointReader(checkpoint_files(tmp_path / name)).items()) for name in ("single", "resumed"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert [x.mask_sha256 for x in Manifest.load(tmp_path / "single").layers] == \
+        [x.mask_sha256 for x in Manifest.load(tmp_path / "resumed").layers]
+
+
 def test_repair_bad_inputs(tiny_dir, pruned, tmp_path):
     from click.testing import CliRunner
 
@@ -358,3 +447,27 @@ def test_every_tensor_repair_creates_names_its_device(pruned, tmp_path):
                    checkpoint_dir=tmp_path / f"k{i}", **{**QUICK, "steps": 4})
     assert spy.seen > 20, spy.seen  # the spy sees repair's factory calls
     assert not spy.unnamed, sorted(set(spy.unnamed))
+
+
+def test_checkpoint_state_is_streamed_into_shards_and_resumes_exactly(pruned, tmp_path):
+    """A checkpoint's state is written tensor by tensor into shards of at most --max-shard-size
+    (with the index), and a resume reads it back one tensor at a time: the result is the
+    uninterrupted run's, bit for bit."""
+    args = dict(density=0.05, device="cpu", checkpoint_every=3, max_shard_size="20KB", **{**QUICK, "steps": 8})
+    whole = repair(str(pruned / "u70"), output=tmp_path / "whole", **args)
+    ckpt = tmp_path / "ckpt"
+    repair(str(pruned / "u70"), output=tmp_path / "stopped", checkpoint_dir=ckpt, stop_after=4, **args)
+    step = ckpt / (ckpt / "latest").read_text().strip()
+    shards = sorted(p.name for p in step.glob("state*.safetensors"))
+    assert len(shards) > 2 and (step / "state.safetensors.index.json").is_file(), shards
+    from seftc.sizes import parse_size
+
+    for f in step.glob("state*.safetensors"):  # each shard's tensors within the bound, or one tensor alone
+        stored = load_file(f)
+        assert sum(t.numel() * t.element_size() for t in stored.values()) <= parse_size("20KB", "") or len(stored) == 1
+    resumed = repair(str(pruned / "u70"), output=tmp_path / "resumed", checkpoint_dir=ckpt, resume=True, **args)
+    from seftc.formats.shards import CheckpointReader, checkpoint_files
+
+    a, b = (dict(CheckpointReader(checkpoint_files(tmp_path / name)).items()) for name in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [x.mask_sha256 for x in whole.manifest.layers] == [x.mask_sha256 for x in resumed.manifest.layers]

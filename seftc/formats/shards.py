@@ -191,6 +191,11 @@ class CheckpointReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._where[key][2]
 
+    def dtype(self, key: str) -> torch.dtype:
+        from seftc.formats.base import ST_DTYPES
+
+        return ST_DTYPES[self._where[key][1]]
+
     def get(self, key: str) -> torch.Tensor:
         from seftc.formats.base import ST_DTYPES
 

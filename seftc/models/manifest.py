@@ -109,11 +109,17 @@ class MaskWriter:
         self._shapes: dict[str, str] = {}
 
     def add(self, name: str, mask: Any) -> None:
+        """`mask`: a bool tensor, or a PackedMask (its bits are written as they are)."""
         import numpy as np
         import torch
 
-        bits = np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1), bitorder="little")
-        self._file.add(name, torch.from_numpy(bits))
+        from seftc.prune.masks import PackedMask
+
+        if isinstance(mask, PackedMask):
+            bits = mask.bits.detach().to("cpu").contiguous()
+        else:
+            bits = torch.from_numpy(np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1), bitorder="little"))
+        self._file.add(name, bits)
         self._shapes[name] = json.dumps(list(mask.shape))
 
     def close(self) -> None:
@@ -136,13 +142,16 @@ def save_masks(folder: Path, masks: dict[str, Any]) -> None:
     writer.close()
 
 
-def load_masks(folder: Path) -> dict[str, Any] | None:
-    """The keep-masks written by `save_masks`, or None when the folder has none."""
+def load_masks(folder: Path, packed: bool = False) -> dict[str, Any] | None:
+    """The keep-masks written by `save_masks` (bool tensors, or with `packed` PackedMasks read as
+    they are stored), or None when the folder has none."""
     import math
 
     import numpy as np
     import torch
     from safetensors import safe_open
+
+    from seftc.prune.masks import PackedMask
 
     path = Path(folder) / MASKS_NAME
     if not path.is_file():
@@ -153,7 +162,13 @@ def load_masks(folder: Path) -> dict[str, Any] | None:
             meta = f.metadata() or {}
             for name in f.keys():
                 shape = json.loads(meta[name])
-                bits = np.unpackbits(f.get_tensor(name), bitorder="little", count=math.prod(shape))
+                stored = f.get_tensor(name)
+                if packed:
+                    if not isinstance(shape, list) or stored.dtype != np.uint8 or stored.size != (math.prod(shape) + 7) // 8:
+                        raise ValueError(name)
+                    out[name] = PackedMask(torch.from_numpy(stored), tuple(shape))
+                    continue
+                bits = np.unpackbits(stored, bitorder="little", count=math.prod(shape))
                 out[name] = torch.from_numpy(bits.astype(bool)).reshape(shape)
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
         raise SeftcError(f"{path} is not a valid seftc mask file ({e.__class__.__name__})") from None

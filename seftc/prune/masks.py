@@ -8,6 +8,7 @@ M consecutive weights along the input dimension.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 
@@ -143,11 +144,58 @@ def detect_pattern(tensor: torch.Tensor, candidates: tuple[Pattern, ...] = (Patt
     return "unstructured"
 
 
-def mask_checksum(mask: torch.Tensor) -> str:
+class PackedMask:
+    """A keep-mask held as its row-major bits packed little-endian, 8 positions a byte (1/8 of a
+    bool tensor): the layout of the mask file and of `mask_checksum`, on any device. `unpack()`
+    gives the bool tensor back (a new one each time; change a mask by packing a new one)."""
+
+    __slots__ = ("bits", "shape")
+
+    def __init__(self, bits: torch.Tensor, shape: tuple[int, ...]):
+        self.bits, self.shape = bits, tuple(shape)
+
+    @classmethod
+    def pack(cls, mask: torch.Tensor) -> "PackedMask":
+        return cls(pack_bits(mask.detach().reshape(-1)), tuple(mask.shape))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_bits(self.bits, self.numel).reshape(self.shape)
+
+    def to(self, device: torch.device | str) -> "PackedMask":
+        return PackedMask(self.bits.to(device), self.shape)
+
+
+_SHIFTS = (0, 1, 2, 3, 4, 5, 6, 7)
+
+
+def pack_bits(flat: torch.Tensor) -> torch.Tensor:
+    """uint8 [ceil(n/8)]: bit j of byte i is flat[8i + j] (numpy packbits, bitorder="little"); padding bits 0."""
+    b = flat.reshape(-1).to(torch.uint8)
+    pad = (-b.numel()) % 8
+    if pad:
+        b = torch.cat([b, torch.zeros(pad, dtype=torch.uint8, device=b.device)])
+    b = b.view(-1, 8) << torch.tensor(_SHIFTS, dtype=torch.uint8, device=b.device)
+    return b.sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of pack_bits: bool [n]."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=bits.device)
+    return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+def mask_checksum(mask: torch.Tensor | PackedMask) -> str:
     """sha256 over the shape and the row-major mask bits packed little-endian (numpy packbits)."""
     import numpy as np
 
-    bits = np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1), bitorder="little")
+    if isinstance(mask, PackedMask):
+        bits = mask.bits.detach().to("cpu").numpy()
+    else:
+        bits = np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1), bitorder="little")
     h = hashlib.sha256()
     h.update(repr(tuple(mask.shape)).encode())
     h.update(bits.tobytes())

@@ -27,7 +27,7 @@ from seftc.models.loading import LoadedModel, load_model, resolve_model
 from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
 from seftc.models.saving import check_output, save_model, writes_outputs
 from seftc.models.targets import find_blocks, find_targets
-from seftc.prune.masks import mask_checksum, nm_holds, parse_pattern
+from seftc.prune.masks import PackedMask, mask_checksum, nm_holds, parse_pattern
 from seftc.progress import NO_PROGRESS, ProgressSink
 from seftc.repair import checkpoint, distributed
 from seftc.repair.config import RepairConfig, make_repair_config
@@ -42,7 +42,7 @@ class RepairResult:
     manifest: Manifest | None  # None on the ranks other than the main one
     history: dict[str, list]
     output: Path | None
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, PackedMask] = field(default_factory=dict)
 
 
 def lr_at(step: int, cfg: RepairConfig) -> float:
@@ -70,17 +70,17 @@ def _pruned_state(loaded: LoadedModel, allow_dense: bool = False) -> tuple[Manif
     targets = [t for t in find_targets(loaded.model, ["*"], []) if t.name in names]
     if len(targets) != len(names):
         raise SeftcError(f"{loaded.ref.spec}: the manifest names layers this model does not have")
-    saved = load_masks(loaded.ref.folder)
-    masks = {}
+    saved = load_masks(loaded.ref.folder, packed=True)
+    masks = {}  # packed bits: 1/8 of a bool tensor per layer, for the whole run
     by_name = {rec.name: rec for rec in manifest.layers}
     for t in targets:
         w = t.module.weight.data
-        mask = saved.get(t.name) if saved is not None else w != 0
-        if mask is None or tuple(mask.shape) != tuple(w.shape) or mask_checksum(mask) != by_name[t.name].mask_sha256:
+        packed = saved.get(t.name) if saved is not None else PackedMask.pack(w != 0)
+        if packed is None or tuple(packed.shape) != tuple(w.shape) or mask_checksum(packed) != by_name[t.name].mask_sha256:
             raise SeftcError(f"{t.name}: the mask does not match the manifest's checksum; the model was changed after pruning")
-        if bool((w[~mask] != 0).any()):
+        if bool((w[~packed.unpack()] != 0).any()):
             raise SeftcError(f"{t.name}: weights are non-zero outside the mask; the model was changed after pruning")
-        masks[t.name] = mask
+        masks[t.name] = packed
     return manifest, targets, masks
 
 
@@ -157,15 +157,15 @@ def repair(
     fsdp: bool = False,
     **overrides: Any,
 ) -> RepairResult:
-    """Repair a pruned model (a folder written by `seftc prune`) and save it to `output` (weights in
-    shards of at most `max_shard_size`), computing on `device` (cpu or cuda; default CUDA when
+    """Repair a pruned model (a folder written by `seftc prune`) and save it to `output` (weights,
+    and the checkpoints' state, in shards of at most `max_shard_size`), computing on `device` (cpu or cuda; default CUDA when
     available). Under torchrun each rank trains a DDP replica, or with `fsdp` an FSDP2 shard of the
     base, the trainable tensors and their optimizer state; on one process `fsdp` changes nothing.
 
     `allow_dense=True` accepts a 0%-sparsity manifest: the benchmark's reference row (the dense
     model trained with the same data and budget, to tell repair from domain adaptation)."""
     cfg = make_repair_config(**{**(config.model_dump() if config else {}), **overrides})
-    parse_size(max_shard_size, "--max-shard-size")
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     start_time = time.perf_counter()
     dist = distributed.setup(device, fsdp)
     out = Path(output) if output is not None else None
@@ -202,6 +202,8 @@ def repair(
     blocks = list(find_blocks(model_)[1])  # FSDP2's units (found before SEFT replaces their nn.Linear layers)
     method = make_method(cfg, pattern, dist.mean(), _reprune(source_manifest, loaded, cfg))
     method.attach(model_, targets, masks)
+    names = [t.name for t in targets]
+    del targets  # a replaced nn.Linear would keep its whole weight alive (past FSDP2's sharding)
     if cfg.grad_checkpointing:
         model_.enable_input_require_grads()
     engine = dist.wrap(model_, blocks)  # what training calls: model_, a DDP replica, or FSDP2-sharded
@@ -214,7 +216,7 @@ def repair(
         start, loaded_history = ckpts.restore(method, cfg.steps)
         history.update(loaded_history)
     elif method.needs_importance:  # on the pruned model, before any training (checkpointed with the state)
-        method.set_importance(input_sq_norms(model_, loaded.tokenizer, {t.name: model_.get_submodule(t.name) for t in targets},
+        method.set_importance(input_sq_norms(model_, loaded.tokenizer, {n: model_.get_submodule(n) for n in names},
                                              _importance_calib(source_manifest, cfg)))
     damage_sets = _damage_windows(loaded.tokenizer, cfg)
 
@@ -270,10 +272,12 @@ def repair(
                             **(damage or {}))
         advance(1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and ckpts is not None:
-            state = method.state_tensors()  # every rank: FSDP2 shards are gathered, per-rank sums averaged
+            state = method.state_items()  # on every rank: FSDP2 shards are gathered, per-rank sums averaged
             if dist.is_main:
-                ckpts.save(step + 1, state, history, method.meta())
-            del state
+                ckpts.save(step + 1, ((k, t.to("cpu")) for k, t in state), history, method.meta(), shard_bytes)
+            else:
+                for _ in state:  # the gathers the main rank's save runs, one tensor at a time
+                    pass
             dist.barrier()
         if stop_after is not None and step + 1 >= stop_after:
             break
@@ -289,13 +293,13 @@ def repair(
     del engine, params
     if cfg.grad_checkpointing and whole:
         model_.gradient_checkpointing_disable()
-    ranks = dist.gather([mask_checksum(final_masks[t.name]) for t in targets])
+    ranks = dist.gather([mask_checksum(final_masks[n]) for n in names])
     if not all(r == ranks[0] for r in ranks):
         raise RuntimeError("ranks took different topology decisions")
     if not dist.is_main:
         dist.barrier()
         return RepairResult(loaded, None, history, None, final_masks)
-    manifest = _manifest(loaded, source_manifest, cfg, targets_names=[t.name for t in targets], masks=masks, stats=stats,
+    manifest = _manifest(loaded, source_manifest, cfg, targets_names=names, masks=masks, stats=stats,
                          history=history, seconds=seconds, dist=dist, final_masks=final_masks)
     manifest.config["trainable_params"] = trainable
     manifest.config["s_per_step"] = loop_s / max(cfg.steps - start, 1)  # training loop only (no load, save, final eval)
@@ -326,7 +330,7 @@ def _manifest(loaded, source: Manifest, cfg: RepairConfig, targets_names, masks,
             pattern=str(pattern) if pattern.is_nm and nm_holds(w, pattern) else "unstructured",
             mask_sha256=mask_checksum(final_masks[name]),
         ))
-        moved = int((masks[name] & ~final_masks[name].to(masks[name].device)).sum())
+        moved = int((masks[name].unpack() & ~final_masks[name].to("cpu").unpack()).sum())
         layer_stats[name] = {"sparsity_before": before[name].sparsity, "sparsity_after": records[-1].sparsity,
                              "positions_left": moved, **stats.get(name, {})}
     total = sum(r.shape[0] * r.shape[1] for r in records)

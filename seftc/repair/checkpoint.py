@@ -4,8 +4,9 @@
       seftc_checkpoint.json   marker: format, the id of the run that owns the folder, and the
                               identity a resume must match (input, config, code)
       latest                  the name of the newest complete step folder
-      step-00000012/          state.safetensors (every tensor of the method), meta.json (step,
-                              loss history, the method's small state)
+      step-00000012/          state.safetensors (every tensor of the method; streamed into
+                              state-0000i-of-0000n.safetensors + index past --max-shard-size),
+                              meta.json (step, loss history, the method's small state)
 
 Only a folder carrying the marker is ever written into or removed, and only by the run named in
 it (a resumed run adopts that id); anything else at that path is refused, never deleted. A resume
@@ -21,6 +22,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -33,6 +35,8 @@ SUFFIX = ".checkpoint"
 MARKER = "seftc_checkpoint.json"
 FORMAT = "seftc-repair-checkpoint/1"
 _STEP = re.compile(r"step-\d+")
+STATE_PREFIX = "state"  # step-N/state.safetensors, or its shards and index
+DEFAULT_SHARD_BYTES = 5 * 10**9
 # options that may change between a run and its resume without changing its result
 RESUMABLE_CHANGES = ("checkpoint_every",)
 
@@ -197,10 +201,12 @@ class Checkpoints:
             return False
         return marker is not None and marker.run == self.run
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], history: dict, method_meta: dict) -> None:
-        """Write `step-N/` atomically, then point `latest` at it (an atomic rename), then drop older
+    def save(self, step: int, tensors: Iterable[tuple[str, torch.Tensor]], history: dict, method_meta: dict,
+             max_shard_size: int = DEFAULT_SHARD_BYTES) -> None:
+        """Write `step-N/` atomically (the method's tensors streamed one at a time into shards of at
+        most `max_shard_size` bytes), then point `latest` at it (an atomic rename), then drop older
         steps: a kill at any instant leaves a complete checkpoint behind."""
-        from safetensors.torch import save_file
+        from seftc.formats.shards import ShardedWriter
 
         if not self.owned():
             if self.folder.exists():
@@ -213,7 +219,9 @@ class Checkpoints:
                 (tmp / MARKER).write_text(marker.model_dump_json(indent=1), encoding="utf-8")
         name = f"step-{step:08d}"
         with atomic_folder(self.folder / name) as tmp:
-            save_file(tensors, str(tmp / "state.safetensors"))
+            with ShardedWriter(tmp, STATE_PREFIX, max_shard_size) as writer:
+                for key, t in tensors:
+                    writer.add(key, t.contiguous())
             (tmp / "meta.json").write_text(json.dumps({"step": step, "history": history, "method": method_meta}))
         _write_atomic(self.folder / "latest", name)
         for old in self.folder.glob("step-*"):
@@ -222,9 +230,9 @@ class Checkpoints:
 
     def restore(self, method: Any, total_steps: int) -> tuple[int, dict[str, list]]:
         """Load the newest complete step into `method`; returns (step, history). The tensors are
-        checked against the method's own (every name it has, with its shape and dtype) first."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        checked against the method's own (every name it has, with its shape and dtype) first, then
+        read one at a time as the method asks for them."""
+        from seftc.formats.shards import CheckpointReader, checkpoint_files
 
         step_dir = latest_step(self.folder)
         if step_dir is None:
@@ -235,17 +243,18 @@ class Checkpoints:
         if meta.step >= total_steps:
             raise _damaged(self.folder, f"step {meta.step} is not before the last step {total_steps}")
         try:
-            tensors = load_file(str(step_dir / "state.safetensors"))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise _damaged(self.folder, f"state.safetensors: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-        for key, t in method.state_tensors().items():
-            got = tensors.get(key)
-            if got is None:
-                raise _damaged(self.folder, f"tensor {key} is missing")
-            if got.shape != t.shape or got.dtype != t.dtype:
-                raise _damaged(self.folder, f"tensor {key} is {got.dtype} {list(got.shape)}, expected {t.dtype} {list(t.shape)}")
-        try:
+            tensors = _StoredTensors(CheckpointReader(checkpoint_files(step_dir, prefix=STATE_PREFIX)))
+            for key, t in method.state_items():
+                if key not in tensors:
+                    raise _damaged(self.folder, f"tensor {key} is missing")
+                shape, dtype = tensors.reader.shape(key), tensors.dtype(key)
+                if shape != tuple(t.shape) or dtype != t.dtype:
+                    raise _damaged(self.folder, f"tensor {key} is {dtype} {list(shape)}, expected {t.dtype} {list(t.shape)}")
             method.load_state_tensors(tensors, meta.method)
+        except SeftcError as e:
+            if str(e).startswith(f"checkpoint {self.folder} is damaged"):
+                raise
+            raise _damaged(self.folder, str(e)) from None
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
             raise _damaged(self.folder, f"the method's state does not fit: {type(e).__name__}: {str(e)[:120]}") from None
         history = meta.history.model_dump()
@@ -255,6 +264,30 @@ class Checkpoints:
         """Remove the folder if (and only if) it carries this run's marker."""
         if self.owned():
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _StoredTensors(Mapping):
+    """A step's tensors by key, each read from its shard only when asked for (one at a time)."""
+
+    def __init__(self, reader: Any):
+        self.reader = reader
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.reader:
+            raise KeyError(key)
+        return self.reader.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.reader
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.reader.keys())
+
+    def __len__(self) -> int:
+        return len(self.reader.keys())
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.reader.dtype(key)
 
 
 def latest_step(folder: Path) -> Path | None:

@@ -205,7 +205,7 @@ def unwrapped(model: nn.Module) -> nn.Module:
         plain = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
     plain.load_state_dict(model.state_dict(), assign=True)
     plain.tie_weights()
-    return plain.eval()
+    return plain.to(next(model.parameters()).device).eval()  # the computed buffers join the weights' device
 
 
 def setup(device: str | None = None, fsdp: bool = False) -> Dist:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seftc.prune.masks import PackedMask, pack_bits, unpack_bits
 from seftc.repair.distributed import full_tensor, local_part
 
 
@@ -54,7 +55,8 @@ class _SparseDeltaLinear(torch.autograd.Function):
 
 
 class SeftLinear(nn.Module):
-    """Holds W (frozen), the active mask A, slot positions η (−1 = free) and δ."""
+    """Holds W (frozen), the active mask A (packed bits: `active` reads a bool copy, assigning
+    `active` packs a new one), slot positions η (−1 = free) and δ."""
 
     def __init__(self, base: nn.Linear, active: torch.Tensor, k: int, init_pos: torch.Tensor, defer: bool = False):
         super().__init__()
@@ -63,9 +65,9 @@ class SeftLinear(nn.Module):
         self.bias = base.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.register_buffer("active", active.reshape(-1).clone())
-        self.target = int(self.active.sum())
         device = self.weight.device
+        self.register_buffer("active_bits", pack_bits(active.reshape(-1).to(device)))
+        self.target = int(active.sum())
         slots = torch.full((k,), -1, dtype=torch.int32, device=device)  # positions < 2**31 per layer; half of int64's memory
         slots[: init_pos.numel()] = init_pos.to(device)
         self.register_buffer("slots", slots)
@@ -78,6 +80,18 @@ class SeftLinear(nn.Module):
     @property
     def numel(self) -> int:
         return self.in_features * self.out_features
+
+    @property
+    def active(self) -> torch.Tensor:
+        """A (flat bool), unpacked: a copy, so read it once where it is used many times."""
+        return unpack_bits(self.active_bits, self.numel)
+
+    @active.setter
+    def active(self, value: torch.Tensor) -> None:
+        self.active_bits.copy_(pack_bits(value.reshape(-1)))
+
+    def packed_active(self) -> PackedMask:
+        return PackedMask(self.active_bits, (self.out_features, self.in_features))
 
     def drift(self, delta: torch.Tensor | None = None) -> torch.Tensor:
         """Dense fp32 [out, in]: the merged store plus δ at the live slots (what training moved W by
@@ -126,10 +140,15 @@ class SeftLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """A plain nn.Linear holding W + δ (zero outside A)."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.weight.dtype)
+        """A plain nn.Linear holding W + δ (zero outside A), in place: W's own tensor becomes the
+        linear's weight (only one layer's fp32 W_eff is ever transient), δ and the store are freed."""
         w = self.effective_weight()  # fp32 when deferred: the drift is applied once, then cast
-        out.weight.data.copy_(torch.where(self.active.reshape(w.shape), w, torch.zeros_like(w)))  # +0.0 outside A
-        if self.bias is not None:
-            out.bias.data.copy_(self.bias.data)
+        w = torch.where(self.active.reshape(w.shape), w, torch.zeros_like(w))  # +0.0 outside A
+        self.weight.data.copy_(w)
+        del w
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")  # no memory
+        out.weight = nn.Parameter(self.weight.data, requires_grad=False)
+        out.bias = self.bias
+        self.delta = nn.Parameter(self.delta.data.new_empty(0), requires_grad=False)
+        self.merged_pos, self.merged_val = self.merged_pos[:0], self.merged_val[:0]
         return out

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from seftc.models.targets import Target
-from seftc.prune.masks import Pattern
+from seftc.prune.masks import PackedMask, Pattern
 from seftc.repair.config import RepairConfig
 from seftc.repair.distributed import full_tensor, load_local, local_part
 
@@ -51,7 +51,7 @@ class SeftMethod:
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         layers = {}
         for t in targets:
-            active = masks[t.name].reshape(-1).to(t.module.weight.device)
+            active = masks[t.name].to(t.module.weight.device).unpack().reshape(-1)  # transient: the layer keeps it packed
             k = min(int(math.ceil(self.cfg.density * active.numel())), int(active.sum()))
             if self.cfg.init == "random":  # drawn on the CPU (the generator's device): the same positions on any device
                 where = active.nonzero().flatten()
@@ -105,14 +105,14 @@ class SeftMethod:
         for name, layer in self.controller.layers.items():
             if whole:
                 _set_module(model, name, layer.merge())
-            final[name] = layer.active.reshape(layer.out_features, layer.in_features).clone()
+            final[name] = layer.packed_active()
         return final
 
     def stats(self) -> dict[str, Any]:
         return self.controller.stats()
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.controller.state_tensors()
+    def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.controller.state_items()
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.controller.load_state_tensors(tensors, meta)
@@ -162,15 +162,16 @@ class _TorchOptimMethod:
     def stats(self) -> dict[str, Any]:
         return {}
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Whole tensors on the CPU (gathered from FSDP2 shards: every rank calls this alike)."""
-        out = {f"param.{i}": full_tensor(p) for i, p in enumerate(self.params)}
+    def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Whole tensors, one at a time (gathered from FSDP2 shards: every rank iterates this alike)."""
+        for i, p in enumerate(self.params):
+            yield f"param.{i}", full_tensor(p)
         for i, p in enumerate(self.params):
             st = self.optimizer.state.get(p)
             if st:
-                out[f"opt.{i}.exp_avg"], out[f"opt.{i}.exp_avg_sq"] = full_tensor(st["exp_avg"]), full_tensor(st["exp_avg_sq"])
-                out[f"opt.{i}.step"] = torch.as_tensor(float(st["step"]), dtype=torch.float32, device="cpu").reshape(1)
-        return {k: v.to("cpu").contiguous() for k, v in out.items()}
+                yield f"opt.{i}.exp_avg", full_tensor(st["exp_avg"])
+                yield f"opt.{i}.exp_avg_sq", full_tensor(st["exp_avg_sq"])
+                yield f"opt.{i}.step", torch.as_tensor(float(st["step"]), dtype=torch.float32, device="cpu").reshape(1)
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         for i, p in enumerate(self.params):
@@ -206,12 +207,12 @@ class StaticMethod(_TorchOptimMethod):
             for name, module in self.modules.items():
                 if module.weight.grad is not None:
                     grad = local_part(module.weight.grad)
-                    grad.flat.mul_(grad.rows_of(self.masks[name]).to(grad.flat.device))
+                    grad.flat.mul_(grad.rows_of(self.masks[name].unpack()))  # one layer's bool mask, transient
         super().optimizer_step(lr)
         with torch.no_grad():
             for name, module in self.modules.items():
                 weight = local_part(module.weight)
-                weight.flat.masked_fill_(~weight.rows_of(self.masks[name]).to(weight.flat.device), 0.0)
+                weight.flat.masked_fill_(~weight.rows_of(self.masks[name].unpack()), 0.0)
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor], whole: bool = True) -> dict[str, torch.Tensor]:
         for module in self.modules.values():
@@ -259,21 +260,21 @@ class LoraMethod(_TorchOptimMethod):
                 base = layer.get_base_layer()
                 delta = layer.get_delta_weight("default")
                 if self.mode == "masked":
-                    delta = delta * masks[name].to(delta.device)
+                    delta = delta * masks[name].to(delta.device).unpack()
                 base.weight.add_(delta.to(base.weight.dtype))  # in place: no second copy of the layer
                 del delta
                 _set_module(model, name, base)
-                final[name] = masks[name] if self.mode == "masked" else base.weight != 0
+                final[name] = masks[name] if self.mode == "masked" else PackedMask.pack(base.weight != 0)
         if self.mode == "merge" and self.reprune is not None:
-            final = self.reprune(model)
+            final = {name: PackedMask.pack(m) for name, m in self.reprune(model).items()}
         return final
 
 
-def _masked_lora_forward(mask: torch.Tensor) -> Callable:
+def _masked_lora_forward(mask: PackedMask) -> Callable:
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         a, b = self.lora_A["default"].weight, self.lora_B["default"].weight
-        update = (b @ a) * self.scaling["default"] * mask
+        update = (b @ a) * self.scaling["default"] * mask.unpack()  # the bool mask lives only during this product
         return base(x) + F.linear(x, update.to(x.dtype))
 
     return forward

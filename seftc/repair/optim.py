@@ -6,6 +6,7 @@ own count, reset together with its moments when the slot moves.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -60,15 +61,13 @@ class SlotAdamW:
         for t in (s.m, s.v, s.t):
             local_part(t).fill_(slots, 0)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Whole tensors (gathered under FSDP2: every rank calls this alike)."""
-        out = {}
+    def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Whole tensors, one at a time (gathered under FSDP2: every rank iterates this alike)."""
         for i, s in enumerate(self.state):
-            out[f"{i}.m"], out[f"{i}.v"], out[f"{i}.t"] = full_tensor(s.m), full_tensor(s.v), full_tensor(s.t)
-        return out
+            for key in ("m", "v", "t"):
+                yield f"{i}.{key}", full_tensor(getattr(s, key))
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
         for i, s in enumerate(self.state):
-            load_local(s.m, tensors[f"{i}.m"])
-            load_local(s.v, tensors[f"{i}.v"])
-            load_local(s.t, tensors[f"{i}.t"])
+            for key in ("m", "v", "t"):
+                load_local(getattr(s, key), tensors[f"{prefix}{i}.{key}"])

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -209,7 +209,7 @@ class SeftController:
         if start:
             if o.grow_candidates == "first":
                 update_step = self.step - self.step % o.update_interval + o.update_interval - 1
-                st.cand_pos = self._candidates(layer, st, mean.abs(), self._reactivates(update_step))
+                st.cand_pos = self._candidates(layer, st, mean.abs(), self._reactivates(update_step), layer.active)
                 st.cand_sum = torch.zeros(st.cand_pos.numel(), dtype=torch.float32, device=dense.device)
             st.cand_n = 0
             zeros = lambda: torch.zeros_like(dense, dtype=torch.bfloat16)  # noqa: E731
@@ -241,13 +241,13 @@ class SeftController:
         """Whether the update taken at `update_step` may grow into pruned positions."""
         return self.options.regrow and update_step + 1 < self.options.reactivation_stop * self.total_steps
 
-    def _candidates(self, layer: SeftLinear, st: _LayerState, score: torch.Tensor, reactivate: bool) -> torch.Tensor:
-        """The top-`candidates·k` positions by `score` outside η (inside A without reactivation),
-        never a position still cooling down after its eviction."""
-        outside = torch.ones_like(layer.active)
+    def _candidates(self, layer: SeftLinear, st: _LayerState, score: torch.Tensor, reactivate: bool, active: torch.Tensor) -> torch.Tensor:
+        """The top-`candidates·k` positions by `score` outside η (inside A = `active` without
+        reactivation), never a position still cooling down after its eviction."""
+        outside = torch.ones_like(active)
         outside[layer.slots[layer.slots >= 0]] = False
         if not reactivate:
-            outside &= layer.active
+            outside &= active
         if self.options.evict_cooldown and st.evicted_pos.numel():
             outside[st.evicted_pos] = False
         score = torch.where(outside, score.float(), torch.full_like(score, -1.0, dtype=torch.float32))
@@ -257,7 +257,7 @@ class SeftController:
     def _name_of(self, layer: SeftLinear) -> str:
         return layer._seft_name  # set by `attach`
 
-    def _cost(self, layer: SeftLinear, st: _LayerState, dense: torch.Tensor) -> torch.Tensor:
+    def _cost(self, layer: SeftLinear, st: _LayerState, dense: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Per position, the estimated loss increase of evicting it (options.evict_score)."""
         o = self.options
         n = max(st.win_n, 1)
@@ -268,66 +268,67 @@ class SeftController:
         if o.evict_score == "random":  # seeded by (seed, update, layer): a resumed run draws the same
             gen = torch.Generator(device="cpu").manual_seed(o.seed * 1_000_003 + self.update_index * 1009 + self.names.index(layer._seft_name))
         return topology.eviction_cost(
-            o.evict_score, layer.effective_weight(), dense, layer.active,
+            o.evict_score, layer.effective_weight(), dense, active,
             abs_mean=st.win_abs.float() / n if st.win_abs is not None else None,
             sq_mean=st.win_sq.float() / n if st.win_sq is not None else None,
             importance=importance, blend=o.evict_blend, generator=gen)
 
     def _decide(self, layer: SeftLinear, st: _LayerState, dense: torch.Tensor) -> _Pending:
         o = self.options
+        active = layer.active  # A, unpacked once for the whole decision
         k = layer.delta.numel()
         live = layer.slots >= 0
         protected_slot = live & (st.birth > self.update_index - o.protect)
         zeta = topology.drop_fraction(self.step + 1, self.total_steps, o.zeta0)
         drop = topology.select_drop(layer.delta, live, protected_slot, int(math.floor(zeta * k)))
-        in_eta = torch.zeros_like(layer.active)
+        in_eta = torch.zeros_like(active)
         in_eta[layer.slots[live]] = True
         free = int((~live).sum()) + drop.numel()
         reactivate = self._reactivates(self.step)
         if o.grow_candidates == "window":
-            st.cand_pos = self._candidates(layer, st, st.win_sum.float().abs(), reactivate)
+            st.cand_pos = self._candidates(layer, st, st.win_sum.float().abs(), reactivate, active)
             st.cand_sum = st.win_sum[st.cand_pos].float()
         cand = st.cand_pos
         score = st.cand_sum.abs()
         gain = score / max(st.cand_n, 1) * self._tau(layer, live & ~protected_slot)
-        protected_pos = torch.zeros_like(layer.active)
+        protected_pos = torch.zeros_like(active)
         protected_pos[layer.slots[protected_slot]] = True
-        sens = self._cost(layer, st, dense)
+        sens = self._cost(layer, st, dense, active)
         # pool: the pruned candidates a growth may reactivate
-        pool = ~layer.active[cand] & ~in_eta[cand] if reactivate else torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
+        pool = ~active[cand] & ~in_eta[cand] if reactivate else torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
         cols = layer.in_features
-        caps = topology.row_caps(layer.active, cols, o.row_cap) if o.row_cap is not None else None
+        caps = topology.row_caps(active, cols, o.row_cap) if o.row_cap is not None else None
         limit = int(math.floor(o.reactivation_cap * layer.target)) if o.reactivation_cap is not None else None
         if self.pattern.is_nm:
-            allowed = layer.active.clone()
+            allowed = active.clone()
             allowed[cand[pool]] = True
             grow = topology.select_grow(cand, score, in_eta, free, allowed)
             protected_pos[grow] = True
             at = torch.isin(cand, grow)
             gain_at = gain[at] / o.reactivation_margin if o.reactivation == "gain" else None
-            grown_out, remove = topology.nm_swaps(cand[at], score[at], layer.active, sens, protected_pos, self.pattern.m, gain_at)
+            grown_out, remove = topology.nm_swaps(cand[at], score[at], active, sens, protected_pos, self.pattern.m, gain_at)
             keep = topology.cap_swaps(grown_out, remove, cols, caps, limit)
             grown_out, remove = grown_out[keep], remove[keep]
-            grow = grow[layer.active[grow] | torch.isin(grow, grown_out)]
+            grow = grow[active[grow] | torch.isin(grow, grown_out)]
         else:
             if o.reactivation == "gain" and bool(pool.any()):
-                pool = self._paying(layer, cand, score, gain, pool, sens, protected_pos, free, o.reactivation_margin, caps)
+                pool = self._paying(layer, active, cand, score, gain, pool, sens, protected_pos, free, o.reactivation_margin, caps)
             if limit is not None and int(pool.sum()) > limit:  # the best-scored `limit` reactivations
                 ranked = pool.nonzero().flatten()[torch.argsort(score[pool], descending=True, stable=True)]
                 pool[ranked[limit:]] = False
-            allowed = layer.active.clone()
+            allowed = active.clone()
             allowed[cand[pool]] = True
             grow = topology.select_grow(cand, score, in_eta, free, allowed)
             protected_pos[grow] = True
-            regrow = grow[~layer.active[grow]]  # in descending score (select_grow sorts)
-            remove = topology.select_prune_back(layer.active, sens, protected_pos, regrow.numel(), cols, caps)
+            regrow = grow[~active[grow]]  # in descending score (select_grow sorts)
+            remove = topology.select_prune_back(active, sens, protected_pos, regrow.numel(), cols, caps)
             if remove.numel() < regrow.numel():  # the row caps bind: give up the weakest reactivations
-                grow = grow[layer.active[grow] | torch.isin(grow, regrow[: remove.numel()])]
+                grow = grow[active[grow] | torch.isin(grow, regrow[: remove.numel()])]
         if grow.numel() < free and (self.pattern.is_nm or caps is not None):  # refill inside A
             taken = in_eta.clone()
             taken[grow] = True
             taken[remove] = True
-            grow = torch.cat([grow, topology.select_grow(cand, score, taken, free - grow.numel(), layer.active)])
+            grow = torch.cat([grow, topology.select_grow(cand, score, taken, free - grow.numel(), active)])
         st.cand_pos = st.cand_sum = None
         st.win_abs = st.win_sq = st.win_sum = None
         st.win_n = 0
@@ -339,7 +340,7 @@ class SeftController:
         return float(layer.delta.detach()[learned].abs().mean()) if bool(learned.any()) else 0.0
 
     @staticmethod
-    def _paying(layer: SeftLinear, cand_pos: torch.Tensor, score: torch.Tensor, gain: torch.Tensor, pool: torch.Tensor,
+    def _paying(layer: SeftLinear, active: torch.Tensor, cand_pos: torch.Tensor, score: torch.Tensor, gain: torch.Tensor, pool: torch.Tensor,
                 sens: torch.Tensor, protected_pos: torch.Tensor, free: int, margin: float,
                 caps: torch.Tensor | None = None) -> torch.Tensor:
         """The part of `pool` (pruned candidates) whose reactivation pays: the best `free` of them by
@@ -347,8 +348,8 @@ class SeftController:
         gain > margin × cost."""
         order = torch.argsort(score[pool], descending=True)[:free]
         idx = pool.nonzero().flatten()[order]
-        n = min(idx.numel(), int((layer.active & ~protected_pos).sum()))
-        cost = sens[topology.select_prune_back(layer.active, sens, protected_pos, n, layer.in_features, caps)]
+        n = min(idx.numel(), int((active & ~protected_pos).sum()))
+        cost = sens[topology.select_prune_back(active, sens, protected_pos, n, layer.in_features, caps)]
         out = torch.zeros_like(pool)
         out[idx[: topology.paying_prefix(gain[idx], cost, margin)]] = True
         return out
@@ -378,7 +379,8 @@ class SeftController:
             if p is None:
                 continue
             applied = True
-            rows_before = layer.active.view(layer.out_features, -1).any(dim=1)
+            active = layer.active  # changed here, packed back below
+            rows_before = active.view(layer.out_features, -1).any(dim=1)
             # 1. drop: merge δ into W (or the fp32 merged store), free the slot
             if p.drop.numel():
                 layer.merge_slots(p.drop)
@@ -387,7 +389,7 @@ class SeftController:
             if p.remove.numel():
                 local_part(layer.weight).fill_(p.remove, 0)
                 layer.forget(p.remove)
-                layer.active[p.remove] = False
+                active[p.remove] = False
                 on_slot = torch.isin(layer.slots, p.remove).nonzero().flatten()
                 self._free(i, layer, on_slot)
             if self.options.evict_cooldown:
@@ -395,10 +397,12 @@ class SeftController:
                 st.evicted_pos = torch.cat([st.evicted_pos[keep], p.remove.long()])
                 st.evicted_at = torch.cat([st.evicted_at[keep], torch.full((p.remove.numel(),), self.update_index, dtype=torch.int32,
                                                                            device=p.remove.device)])
-            emptied = int((rows_before & ~layer.active.view(layer.out_features, -1).any(dim=1)).sum())
+            emptied = int((rows_before & ~active.view(layer.out_features, -1).any(dim=1)).sum())
             # 3. grow: enter A (W is 0 there if it was pruned), take free slots with δ = 0
-            regrown = int((~layer.active[p.grow]).sum())
-            layer.active[p.grow] = True
+            regrown = int((~active[p.grow]).sum())
+            active[p.grow] = True
+            layer.active = active
+            del active
             free_slots = (layer.slots < 0).nonzero().flatten()[: p.grow.numel()]
             layer.slots[free_slots] = p.grow[: free_slots.numel()].to(layer.slots.dtype)
             local_part(layer.delta).fill_(free_slots, 0)
@@ -431,18 +435,19 @@ class SeftController:
     def check(self, name: str) -> None:
         """|A| == T, W zero outside A, η ⊆ A, and the N:M pattern on A; raises on any breach."""
         layer = self.layers[name]
-        n_active = int(layer.active.sum())
+        active = layer.active  # unpacked once
+        n_active = int(active.sum())
         problems = []
         if n_active != layer.target:
             problems.append(f"|A| = {n_active} != T = {layer.target}")
         weight = local_part(layer.weight)  # the part of W this rank holds
-        if bool((weight.flat[~weight.rows_of(layer.active)] != 0).any()):
+        if bool((weight.flat[~weight.rows_of(active)] != 0).any()):
             problems.append("W non-zero outside A")
-        if layer.merged_pos.numel() and not bool(layer.active[layer.merged_pos.long()].all()):
+        if layer.merged_pos.numel() and not bool(active[layer.merged_pos.long()].all()):
             problems.append("merged δ outside A")
-        if not bool(layer.active[layer.slots[layer.slots >= 0]].all()):
+        if not bool(active[layer.slots[layer.slots >= 0]].all()):
             problems.append("a slot lies outside A")
-        if self.pattern.is_nm and not bool((layer.active.view(-1, self.pattern.m).sum(dim=1) == self.pattern.n).all()):
+        if self.pattern.is_nm and not bool((active.view(-1, self.pattern.m).sum(dim=1) == self.pattern.n).all()):
             problems.append(f"{self.pattern} broken")
         if problems:
             raise RuntimeError(f"SEFT invariant violated in {name}: {'; '.join(problems)}")
@@ -451,37 +456,40 @@ class SeftController:
         return {n: asdict(self.state[n].stats) for n in self.names}
 
     # -- checkpoint ------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the state, whole and on the CPU (gathered from FSDP2 shards, the
-        per-rank sums averaged: every rank calls this alike)."""
+    def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the state, whole and on the CPU, one at a time (gathered from FSDP2
+        shards, the per-rank sums averaged: every rank iterates this alike)."""
         mean = self.reduce or (lambda t: t)
-        out: dict[str, torch.Tensor] = {}
         for i, name in enumerate(self.names):
             layer, st = self.layers[name], self.state[name]
-            out[f"{i}.weight"] = full_tensor(layer.weight)
-            out[f"{i}.active"] = layer.active.to(torch.uint8)
-            out[f"{i}.slots"] = layer.slots
-            out[f"{i}.delta"] = full_tensor(layer.delta)
-            out[f"{i}.birth"] = st.birth
+            yield f"{i}.weight", full_tensor(layer.weight)
+            yield f"{i}.active", layer.active_bits  # packed bits
+            yield f"{i}.slots", layer.slots
+            yield f"{i}.delta", full_tensor(layer.delta)
+            yield f"{i}.birth", st.birth
             if st.cand_pos is not None:
-                out[f"{i}.cand_pos"] = st.cand_pos
-                out[f"{i}.cand_sum"] = mean(st.cand_sum)
-            out[f"{i}.cand_n"] = torch.tensor(st.cand_n, device="cpu")
+                yield f"{i}.cand_pos", st.cand_pos
+                yield f"{i}.cand_sum", mean(st.cand_sum)
+            yield f"{i}.cand_n", torch.tensor(st.cand_n, device="cpu")
             for key in ("win_abs", "win_sq"):
                 if getattr(st, key) is not None:
-                    out[f"{i}.{key}"] = getattr(st, key)
+                    yield f"{i}.{key}", getattr(st, key)
             if st.win_sum is not None:
-                out[f"{i}.win_sum"] = mean(st.win_sum.float()).to(torch.bfloat16)
-            out[f"{i}.win_n"] = torch.tensor(st.win_n, device="cpu")
+                yield f"{i}.win_sum", mean(st.win_sum.float()).to(torch.bfloat16)
+            yield f"{i}.win_n", torch.tensor(st.win_n, device="cpu")
             if st.evicted_pos.numel():
-                out[f"{i}.evicted_pos"], out[f"{i}.evicted_at"] = st.evicted_pos, st.evicted_at
+                yield f"{i}.evicted_pos", st.evicted_pos
+                yield f"{i}.evicted_at", st.evicted_at
             if layer.merged_pos.numel():
-                out[f"{i}.merged_pos"], out[f"{i}.merged_val"] = layer.merged_pos, layer.merged_val
+                yield f"{i}.merged_pos", layer.merged_pos
+                yield f"{i}.merged_val", layer.merged_val
             if name in self.importance:
-                out[f"{i}.importance"] = self.importance[name]
-        for key, t in self.optimizer.state_tensors().items():
-            out[f"opt.{key}"] = t
-        return {k: v.to("cpu").contiguous() for k, v in out.items()}
+                yield f"{i}.importance", self.importance[name]
+        for key, t in self.optimizer.state_items():
+            yield f"opt.{key}", t
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.to("cpu").contiguous() for k, v in self.state_items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         for i, name in enumerate(self.names):
@@ -491,7 +499,7 @@ class SeftController:
                 tensors[f"{i}.{key}"].to(device) if f"{i}.{key}" in tensors
                 else torch.empty(0, dtype=empty_dtype, device=device) if empty_dtype is not None else None)
             load_local(layer.weight, tensors[f"{i}.weight"])
-            layer.active.copy_(tensors[f"{i}.active"].bool())
+            layer.active_bits.copy_(tensors[f"{i}.active"])
             layer.slots.copy_(tensors[f"{i}.slots"])
             load_local(layer.delta, tensors[f"{i}.delta"])
             st.birth.copy_(tensors[f"{i}.birth"])
@@ -504,5 +512,5 @@ class SeftController:
             if f"{i}.importance" in tensors:
                 self.importance[name] = tensors[f"{i}.importance"].to(device)
             st.stats = LayerStats(**meta["stats"][name])
-        self.optimizer.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
+        self.optimizer.load_state_tensors(tensors, prefix="opt.")
         self.update_index = meta["update_index"]
