@@ -264,3 +264,82 @@ def test_forced_modes_and_a_bad_env_value():
             assert r.returncode == 0 and r.stdout.strip() == value.lower(), r.stderr
         else:
             assert r.returncode != 0 and "SEFTC_DISPATCH='fastest': choose one of auto, sparse, dense" in r.stderr
+
+
+def _int8_layer(rows, cols, sparsity, bias=None):
+    from seftc.runtime.int8 import SparseInt8Linear
+
+    w = _weight(rows, cols, sparsity, torch.float32)
+    linear = torch.nn.Linear(cols, rows, bias=bias is not None)
+    linear.weight.data = w
+    if bias is not None:
+        linear.bias.data = bias
+    return SparseInt8Linear.from_dense(linear, "2:4-int8" if sparsity == "2:4" else "bitmask-int8")
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_the_int8_layout_dispatches_on_both_paths(path, xdtype):
+    """The int8 layout plugs into the dispatcher: its kernel, or dequantize into the scratch + dense GEMM."""
+    from seftc.runtime import int8
+
+    g = torch.Generator().manual_seed(4)
+    for isa in ("avx512", "scalar"):
+        with cpu.force_isa(isa):
+            for rows, cols in SHAPES:
+                for sparsity in SPARSITIES:
+                    if sparsity == "2:4" and cols % 4:
+                        continue
+                    bias = torch.randn(rows, generator=g) if rows % 2 else None
+                    layer = _int8_layer(rows, cols, sparsity, bias)
+                    paths, weight = layer.dispatch_args()
+                    assert paths is int8.INT8
+                    dense_w = layer.layout.to_dense(torch.float32)
+                    for batch in BATCHES:
+                        x = torch.randn(batch, cols, generator=g).to(xdtype)
+                        got = dispatch.run(paths, x, weight, layer.bias, path)
+                        # the dense path multiplies by the weight dequantized to x's dtype (bf16: rounded), the kernel in fp32
+                        ref_w = layer.layout.to_dense(xdtype).float() if path == "dense" else dense_w
+                        want = torch.nn.functional.linear(x.float(), ref_w, None if bias is None else bias.float())
+                        assert got.dtype == xdtype and got.shape == (batch, rows)
+                        torch.testing.assert_close(got.float(), want, **_tol(xdtype), msg=lambda m: f"{path} {isa} {rows}x{cols} {sparsity} b={batch}: {m}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_decompress_int8_equals_the_layouts_dense_weight(isa):
+    from seftc.runtime import int8
+
+    with cpu.force_isa(isa):
+        for rows, cols in SHAPES + [(3, 16), (5, 100)]:
+            for sparsity in SPARSITIES:
+                if sparsity == "2:4" and cols % 4:
+                    continue
+                layer = _int8_layer(rows, cols, sparsity)
+                for out_dtype in (torch.float32, torch.bfloat16):
+                    out = torch.full((rows, cols), float("nan"), dtype=out_dtype)
+                    int8.decompress_int8(layer.masks, layer.values, layer.scales, layer.row_offsets, out)
+                    assert torch.equal(out, layer.layout.to_dense(out_dtype)), f"{isa} {rows}x{cols} {sparsity} -> {out_dtype}"
+
+
+def test_an_int8_layer_routes_and_calibrates(cache, monkeypatch):
+    monkeypatch.setattr(dispatch, "measure", lambda *a, **k: _fake_plan(16))
+    layer = _int8_layer(24, 70, 0.7)
+    x = torch.randn(37, 70).bfloat16()
+    with torch.inference_mode():
+        # 37 tokens: the (fake) plan says dense, whose weight is dequantized to bf16
+        torch.testing.assert_close(layer(x).float(), x.float() @ layer.layout.to_dense(torch.bfloat16).float().t(), **_tol(torch.bfloat16))
+    records = dispatch.calibrate(torch.nn.Sequential(layer, torch.nn.LayerNorm(4).bfloat16()))  # x: the model's float dtype
+    assert [(r["layout"], r["weight_dtype"], r["x_dtype"], r["first_dense_tokens"]) for r in records] == [("bitmask-int8", "int8", "bfloat16", 16)]
+    assert "bitmask-int8" in next(iter(json.loads(cache.read_text())["entries"]))
+
+
+def test_a_fresh_process_keys_its_first_class_by_the_loaded_kernels_isa():
+    """The instruction set in a class key is the kernels' (loaded first), never 'reference' by accident."""
+    code = ("import torch; from seftc.runtime import cpu, dispatch, ops; from seftc.runtime.layouts import SparseLayout\n"
+            "w = torch.randn(8, 64); w[w.abs() < 1] = 0; L = SparseLayout.from_dense(w)\n"
+            "key = dispatch.class_key(ops.BITMASK, torch.float32, (L.masks, L.values, L.row_offsets), 64)\n"
+            "print(key[-1], cpu.isa())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    key_isa, loaded_isa = r.stdout.split()
+    assert key_isa == loaded_isa == cpu.isa() != "reference"

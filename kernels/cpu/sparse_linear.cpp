@@ -18,8 +18,9 @@
 // the stored values (see rows_prefill); with bf16 weights and activations and AVX512-BF16 it runs
 // on bf16 dot products of column pairs (see row_prefill_dpbf16).
 //
-// seftc_cpu::decompress writes the dense weight of a layout into a caller's buffer (fp32 or bf16):
-// the "decompress + dense GEMM" path of seftc.runtime.dispatch.
+// seftc_cpu::decompress (and decompress_int8, for the int8 layout of seftc/runtime/int8.py) writes
+// the dense weight of a layout into a caller's buffer (fp32 or bf16): the "decompress + dense GEMM"
+// path of seftc.runtime.dispatch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -545,6 +546,100 @@ void decompress_cpu(const at::Tensor& masks, const at::Tensor& values, const at:
   });
 }
 
+// ------------------------------------------------------------------------------ decompress, int8
+// An int8 layout (seftc/runtime/int8.py: int8 values, float32 per-row scales) dequantized into
+// out [R, C]: out[r, c] = float(q) * scale[r], rounded to out's dtype (bf16: to nearest even, as
+// torch rounds) -- the same numbers as Int8Layout.to_dense.
+template <typename Out>
+void decompress_int8_rows_scalar(const uint64_t* masks, const int8_t* values, const float* scales, const int64_t* offsets, Out* out,
+                                 int64_t W, int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    Out* dst = out + r * C;
+    std::fill(dst, dst + C, Out(0.f));
+    const int8_t* p = values + offsets[r];
+    const float s = scales[r];
+    for (int64_t w = 0; w < W; ++w) {
+      uint64_t bits = masks[r * W + w];
+      while (bits) {
+        const int64_t c = w * 64 + __builtin_ctzll(bits);
+        bits &= bits - 1;
+        if (c < C) dst[c] = static_cast<Out>(static_cast<float>(*p) * s);
+        ++p;
+      }
+    }
+  }
+}
+
+template <bool BF16_OUT>
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) void decompress_int8_rows_avx512(
+    const uint64_t* masks, const int8_t* values, const float* scales, const int64_t* offsets, void* out, int64_t W, int64_t C,
+    int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint64_t* m = masks + r * W;
+    const int8_t* p = values + offsets[r];
+    const __m512 s = _mm512_set1_ps(scales[r]);
+    float* of = static_cast<float*>(out) + r * C;
+    uint16_t* oh = static_cast<uint16_t*>(out) + r * C;
+    for (int64_t w = 0; w < W; ++w) {
+      const uint64_t mw = m[w];
+      for (int k = 0; k < 4; ++k) {
+        const int64_t col = w * 64 + 16 * k;
+        if (col >= C) break;
+        const __mmask16 st = C - col >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (C - col)) - 1);
+        const __mmask16 mk = static_cast<__mmask16>(mw >> (16 * k));
+        __m512i wide = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // padded: reads stay inside
+        __asm__("" : "+v"(wide));
+        p += _mm_popcnt_u32(mk);
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_expand_epi32(mk, wide)), s);
+        if (BF16_OUT) {  // round to nearest even (finite values: int8 times a finite scale)
+          const __m512i b = _mm512_castps_si512(f);
+          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+          const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+          _mm256_mask_storeu_epi16(oh + col, st, _mm512_cvtepi32_epi16(rounded));
+        } else {
+          _mm512_mask_storeu_ps(of + col, st, f);
+        }
+      }
+    }
+  }
+}
+
+void decompress_int8_cpu(const at::Tensor& masks, const at::Tensor& values, const at::Tensor& scales, const at::Tensor& row_offsets,
+                         const at::Tensor& out) {
+  TORCH_CHECK(masks.dim() == 2 && masks.scalar_type() == at::kLong, "seftc_cpu::decompress_int8: masks must be int64 [R, W]");
+  TORCH_CHECK(values.dim() == 1 && values.scalar_type() == at::kChar, "seftc_cpu::decompress_int8: values must be a 1-D int8 tensor");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "seftc_cpu::decompress_int8: out must be a contiguous float32 or bfloat16 [R, C] tensor");
+  const int64_t R = masks.size(0), W = masks.size(1), C = out.size(1);
+  TORCH_CHECK(out.size(0) == R && W == (C + 63) / 64, "seftc_cpu::decompress_int8: out is ", out.sizes(), ", the layout has ", R,
+              " rows of ", W, " mask words");
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kFloat && scales.numel() == R,
+              "seftc_cpu::decompress_int8: scales must be float32 [R]");
+  TORCH_CHECK(row_offsets.dim() == 1 && row_offsets.scalar_type() == at::kLong && row_offsets.numel() == R + 1,
+              "seftc_cpu::decompress_int8: row_offsets must be int64 [R + 1]");
+  auto m = masks.contiguous();
+  auto v = values.contiguous();
+  auto sc = scales.contiguous();
+  auto o = row_offsets.contiguous();
+  check_padded("seftc_cpu::decompress_int8", v, o, R);
+  if (R == 0 || C == 0) return;
+  const uint64_t* mp = reinterpret_cast<const uint64_t*>(m.data_ptr<int64_t>());
+  const int8_t* vp = v.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  const int64_t* op = o.data_ptr<int64_t>();
+  const bool out16 = out.scalar_type() == at::kBFloat16;
+  const int64_t isa = active_isa();
+  at::parallel_for(0, R, std::max<int64_t>(1, 65536 / C), [&](int64_t r0, int64_t r1) {
+    if (isa >= 2)
+      out16 ? decompress_int8_rows_avx512<true>(mp, vp, sp, op, out.data_ptr(), W, C, r0, r1)
+            : decompress_int8_rows_avx512<false>(mp, vp, sp, op, out.data_ptr(), W, C, r0, r1);
+    else if (out16)
+      decompress_int8_rows_scalar(mp, vp, sp, op, out.data_ptr<at::BFloat16>(), W, C, r0, r1);
+    else
+      decompress_int8_rows_scalar(mp, vp, sp, op, out.data_ptr<float>(), W, C, r0, r1);
+  });
+}
+
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& values,
                              const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(masks.dim() == 2 && masks.scalar_type() == at::kLong, "seftc::sparse_linear: masks must be int64 [R, W]");
@@ -648,4 +743,5 @@ TORCH_LIBRARY(seftc_cpu, m) {
   m.def("isa() -> int", &get_isa);
   m.def("best_isa() -> int", &best_isa);
   m.def("decompress(Tensor masks, Tensor values, Tensor row_offsets, Tensor(a!) out) -> ()", &decompress_cpu);
+  m.def("decompress_int8(Tensor masks, Tensor values, Tensor scales, Tensor row_offsets, Tensor(a!) out) -> ()", &decompress_int8_cpu);
 }

@@ -266,6 +266,9 @@ def density_bucket(stored: int, rows: int, cols: int) -> float:
 
 def class_key(paths: LayoutPaths, x_dtype: torch.dtype, weight: Sequence[torch.Tensor], cols: int) -> tuple:
     """The in-process key of a class (the machine part is added on disk)."""
+    from seftc.runtime import ops
+
+    ops.backend()  # the kernels' instruction set is part of the key: load them first
     rows, stored, weight_dtype = paths.describe(*weight)
     return (paths.name, x_dtype, weight_dtype, rows, cols, density_bucket(stored, rows, cols), torch.get_num_threads(), cpu.isa())
 
@@ -348,15 +351,19 @@ def _time_pair(a: Callable[[], Any], b: Callable[[], Any]) -> tuple[float, float
 def calibrate(model: torch.nn.Module, x_dtype: torch.dtype | None = None, remeasure: bool = False) -> list[dict[str, Any]]:
     """Make sure every sparse layer class of `model` (any module with `dispatch_args() -> (paths,
     weight)`, on the CPU) has a plan, measuring new classes (all of them with `remeasure`); x's
-    dtype defaults to the weight's. Returns one record per class: its key and table (`describe`)."""
+    dtype defaults to the weight's (an integer weight's: the model's first float parameter's).
+    Returns one record per class: its key and table (`describe`)."""
     seen: dict[tuple, Plan] = {}
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     for module in model.modules():
         if not callable(getattr(module, "dispatch_args", None)):
             continue
         paths, weight = module.dispatch_args()
         if weight[0].device.type != "cpu":
             continue
-        key = class_key(paths, x_dtype or paths.describe(*weight)[2], weight, module.in_features)
+        wdtype = paths.describe(*weight)[2]  # an int8 weight's activations: the model's float dtype
+        dtype = x_dtype or (wdtype if wdtype.is_floating_point else (floats[0] if floats else torch.float32))
+        key = class_key(paths, dtype, weight, module.in_features)
         if key not in seen:
             seen[key] = plan_for(paths, key, weight, weight[0].device, remeasure=remeasure)
     return [describe(key, plan) for key, plan in seen.items()]

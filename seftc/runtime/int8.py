@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seftc.runtime import ops, reference
+from seftc.runtime import dispatch, ops, reference
 from seftc.runtime.layouts import PAD, SparseLayout
 
 KINDS = ("bitmask-int8", "2:4-int8")  # the packed formats, which are also the layout kinds
@@ -61,6 +61,29 @@ def sparse_linear_int8(x: torch.Tensor, masks: torch.Tensor, values: torch.Tenso
     if _backend is None and not x.is_cuda:
         backend()
     return torch.ops.seftc.sparse_linear_int8.default(x, masks, values, scales, row_offsets, bias)
+
+
+def decompress_int8(masks: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, row_offsets: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """Write the dequantized dense weight (q * scale, rounded to out's dtype) into `out` [R, C]."""
+    if out.device.type == "cpu" and backend() == "cpu-kernels":
+        torch.ops.seftc_cpu.decompress_int8(masks, values, scales, row_offsets, out)
+    else:
+        q = reference.dense_weight(masks, values, row_offsets, out.shape[1])
+        out.copy_((q.float() * scales.float()[:, None]).to(out.dtype))
+
+
+def _describe(masks, values, scales, row_offsets) -> tuple[int, int, torch.dtype]:
+    return masks.shape[0], values.numel() - INT8_PAD, values.dtype
+
+
+def _accepts(x, masks, values, scales, row_offsets) -> bool:
+    return (backend() == "cpu-kernels" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() >= 1
+            and masks.dim() == 2 and masks.shape[1] == (x.shape[-1] + 63) // 64)
+
+
+# the int8 layout's paths for seftc.runtime.dispatch: its kernel, or dequantize into the scratch + dense GEMM
+INT8 = dispatch.LayoutPaths("bitmask-int8", sparse_linear_int8, decompress_int8, _describe, _accepts)
 
 
 @dataclass
@@ -114,11 +137,13 @@ class SparseInt8Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._dequantized: tuple[torch.device, torch.dtype, torch.Tensor] | None = None  # CUDA: the bitmask path's values
+        self.router = dispatch.Router(INT8)  # this layer's memo of the CPU path per token count
 
     def _apply(self, fn, recurse=True):
         """Moving moves the scales; casting the model leaves them float32 (they are part of the format)."""
         scales = self.scales
         self._dequantized = None
+        self.router.reset()
         out = super()._apply(fn, recurse)
         self.scales = scales.to(self.values.device)
         return out
@@ -166,7 +191,11 @@ class SparseInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return ops.sparse_linear(x, self.masks, self._dequantized_values(x.dtype), self.row_offsets, self.bias)
-        return sparse_linear_int8(x, self.masks, self.values, self.scales, self.row_offsets, self.bias)
+        return self.router(x, (self.masks, self.values, self.scales, self.row_offsets), self.bias)
+
+    def dispatch_args(self) -> tuple[dispatch.LayoutPaths, tuple[torch.Tensor, ...]]:
+        """What `seftc.runtime.dispatch` needs: the layout's paths and its weight tensors."""
+        return INT8, (self.masks, self.values, self.scales, self.row_offsets)
 
     def extra_repr(self) -> str:
         nnz = int(self.row_offsets[-1])
