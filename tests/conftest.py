@@ -7,6 +7,22 @@ import pytest
 
 ARCHS = ("llama", "mistral", "qwen2", "gpt_neox", "opt")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _dispatch_plans_in_a_temp_dir(tmp_path_factory):
+    """Tests time tiny layers; their dispatch plans must not land in the user's cache
+    (~/.cache/seftc/dispatch), where a real run would read them. Subprocesses inherit it."""
+    import os
+
+    ENV_CACHE = "SEFTC_DISPATCH_CACHE"  # seftc.runtime.dispatch.ENV_CACHE (not imported: it would load torch here)
+    old = os.environ.get(ENV_CACHE)
+    os.environ[ENV_CACHE] = str(tmp_path_factory.mktemp("dispatch-cache"))
+    yield
+    if old is None:
+        os.environ.pop(ENV_CACHE, None)
+    else:
+        os.environ[ENV_CACHE] = old
+
 _TEXT = (
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
     "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date. "
