@@ -32,7 +32,7 @@ fuzz: install
 
 # The main job on the embedded default model (SmolLM2-135M-Instruct): `seftc compress` with its
 # built-in recipe (seftc/compress/default.yaml): prune, SEFT repair, pack, export, bench, eval,
-# report; measured 6 min 25 s on a fresh clone incl. install, 2 cores (results/demo/ is its output).
+# report; measured 5 min 40 s on a fresh clone incl. install, 2 quiet cores (results/demo/ is its output).
 # demo-full: the larger run (recipes/demo-full.yaml, about 40 minutes).
 demo: install
 	$(BIN)/seftc compress -o runs/demo
