@@ -37,26 +37,31 @@ def _fake_plan(first_dense: int) -> dispatch.Plan:
     return dispatch.Plan(tokens, tuple(1.0 for _ in tokens), tuple(0.5 if t >= first_dense else 2.0 for t in tokens))
 
 
+def _cases():
+    """Every (isa, rows, cols, sparsity) the path tests cover, each run under its forced ISA."""
+    for isa in ("avx512", "scalar"):
+        with cpu.force_isa(isa):
+            for rows, cols in SHAPES:
+                for sparsity in SPARSITIES:
+                    if not (sparsity == "2:4" and cols % 4):
+                        yield isa, rows, cols, sparsity
+
+
 @pytest.mark.parametrize("path", ["sparse", "dense"])
 @pytest.mark.parametrize("wdtype,xdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                            (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_both_paths_match_reference(path, wdtype, xdtype):
     g = torch.Generator().manual_seed(3)
-    for isa in ("avx512", "scalar"):
-        with cpu.force_isa(isa):
-            for rows, cols in SHAPES:
-                for sparsity in SPARSITIES:
-                    if sparsity == "2:4" and cols % 4:
-                        continue
-                    layout = SparseLayout.from_dense(_weight(rows, cols, sparsity, wdtype), "2:4" if sparsity == "2:4" else "bitmask")
-                    bias = torch.randn(rows, generator=g).to(xdtype) if rows % 2 else None
-                    for batch in BATCHES:
-                        x = torch.randn(batch, cols, generator=g).to(xdtype)
-                        got = ops.sparse_linear(x, layout.masks, layout.values, layout.row_offsets, bias, path=path)
-                        want = reference.sparse_linear(x, layout.masks, layout.values, layout.row_offsets, bias)
-                        assert got.dtype == xdtype and got.shape == (batch, rows)
-                        torch.testing.assert_close(got.float(), want.float(), **_tol(xdtype),
-                                                   msg=lambda m: f"{path} {isa} {rows}x{cols} {sparsity} b={batch}: {m}")
+    for isa, rows, cols, sparsity in _cases():
+        layout = SparseLayout.from_dense(_weight(rows, cols, sparsity, wdtype), "2:4" if sparsity == "2:4" else "bitmask")
+        bias = torch.randn(rows, generator=g).to(xdtype) if rows % 2 else None
+        for batch in BATCHES:
+            x = torch.randn(batch, cols, generator=g).to(xdtype)
+            got = ops.sparse_linear(x, layout.masks, layout.values, layout.row_offsets, bias, path=path)
+            want = reference.sparse_linear(x, layout.masks, layout.values, layout.row_offsets, bias)
+            assert got.dtype == xdtype and got.shape == (batch, rows)
+            torch.testing.assert_close(got.float(), want.float(), **_tol(xdtype),
+                                       msg=lambda m: f"{path} {isa} {rows}x{cols} {sparsity} b={batch}: {m}")
 
 
 def test_dense_path_3d_input_and_empty_batch():
@@ -284,25 +289,20 @@ def test_the_int8_layout_dispatches_on_both_paths(path, xdtype):
     from seftc.runtime import int8
 
     g = torch.Generator().manual_seed(4)
-    for isa in ("avx512", "scalar"):
-        with cpu.force_isa(isa):
-            for rows, cols in SHAPES:
-                for sparsity in SPARSITIES:
-                    if sparsity == "2:4" and cols % 4:
-                        continue
-                    bias = torch.randn(rows, generator=g) if rows % 2 else None
-                    layer = _int8_layer(rows, cols, sparsity, bias)
-                    paths, weight = layer.dispatch_args()
-                    assert paths is int8.INT8
-                    dense_w = layer.layout.to_dense(torch.float32)
-                    for batch in BATCHES:
-                        x = torch.randn(batch, cols, generator=g).to(xdtype)
-                        got = dispatch.run(paths, x, weight, layer.bias, path)
-                        # the dense path multiplies by the weight dequantized to x's dtype (bf16: rounded), the kernel in fp32
-                        ref_w = layer.layout.to_dense(xdtype).float() if path == "dense" else dense_w
-                        want = torch.nn.functional.linear(x.float(), ref_w, None if bias is None else bias.float())
-                        assert got.dtype == xdtype and got.shape == (batch, rows)
-                        torch.testing.assert_close(got.float(), want, **_tol(xdtype), msg=lambda m: f"{path} {isa} {rows}x{cols} {sparsity} b={batch}: {m}")
+    for isa, rows, cols, sparsity in _cases():
+        bias = torch.randn(rows, generator=g) if rows % 2 else None
+        layer = _int8_layer(rows, cols, sparsity, bias)
+        paths, weight = layer.dispatch_args()
+        assert paths is int8.INT8
+        dense_w = layer.layout.to_dense(torch.float32)
+        for batch in BATCHES:
+            x = torch.randn(batch, cols, generator=g).to(xdtype)
+            got = dispatch.run(paths, x, weight, layer.bias, path)
+            # the dense path multiplies by the weight dequantized to x's dtype (bf16: rounded), the kernel in fp32
+            ref_w = layer.layout.to_dense(xdtype).float() if path == "dense" else dense_w
+            want = torch.nn.functional.linear(x.float(), ref_w, None if bias is None else bias.float())
+            assert got.dtype == xdtype and got.shape == (batch, rows)
+            torch.testing.assert_close(got.float(), want, **_tol(xdtype), msg=lambda m: f"{path} {isa} {rows}x{cols} {sparsity} b={batch}: {m}")
 
 
 @pytest.mark.parametrize("isa", ISAS)
