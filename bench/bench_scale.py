@@ -10,13 +10,18 @@ Protocol (written into results/scale.md and results/scale.json):
   `seftc pack` of the 7 B output; wall time of the whole command;
 - every pruned output is checked for exact sparsity tensor by tensor (each target keeps exactly
   numel − round(0.5 · numel) weights), and `seftc plan`'s estimate is printed beside each peak.
-Disk: about 3 × 13.5 GB for the 7 B shape (model, pruned, packed). BENCH_SHAPES (comma list of
+- each measured row is kept in BENCH_DIR/rows.json with the seftc commit that measured it (shown in
+  the table) and reused by later runs with the same settings, so a long benchmark can be completed in
+  parts; BENCH_REMEASURE=1 measures every row again. `plan` is always computed by the current code.
+Disk: about 3 × 13.5 GB for the 7 B shape (model, pruned, packed); BENCH_CLEAN (comma list of shapes)
+deletes those shapes' folders once their rows are measured. BENCH_SHAPES (comma list of
 0.5b,1.1b,3b,7b or tiny), BENCH_DIR and BENCH_SHARD override the defaults.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,11 +54,22 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
 
 
-def write_random_model(folder: Path, shape: str, shard: str) -> Path:
-    """A random LLaMA checkpoint of `shape`, written tensor by tensor into shards."""
+def llama_model(shape: str):
+    """A meta-device (no memory) bf16 LLaMA model of `shape`."""
     import torch
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, inter, heads, kv, vocab = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, num_attention_heads=heads,
+                         num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False)
+    with init_empty_weights():
+        return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+
+
+def write_random_model(folder: Path, shape: str, shard: str) -> Path:
+    """A random LLaMA checkpoint of `shape`, written tensor by tensor into shards."""
+    import torch
 
     from seftc.formats.shards import ShardedWriter
     from seftc.models.saving import atomic_folder, saved_names, write_config
@@ -61,11 +77,7 @@ def write_random_model(folder: Path, shape: str, shard: str) -> Path:
 
     if (folder / "config.json").is_file():
         return folder
-    hidden, layers, inter, heads, kv, vocab = SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, num_attention_heads=heads,
-                         num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False)
-    with init_empty_weights():
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model = llama_model(shape)
     gen = torch.Generator().manual_seed(0)
     with atomic_folder(folder) as tmp:
         with ShardedWriter(tmp, "model", parse_size(shard)) as writer:
@@ -116,13 +128,31 @@ def exact_sparsity(folder: Path, sparsity: float = 0.5) -> bool:
     return bool(manifest.layers)
 
 
-def plan_total(model: Path, command: str, method: str | None) -> int:
-    from seftc.plan import model_shape, plan_pack, plan_prune
+def measured_by() -> str:
+    """The seftc commit this benchmark runs (short hash, `+dirty` when seftc/ differs from it)."""
+    from seftc.compress.report import software
 
-    shape, _ = model_shape(model)
-    if command == "pack":
-        return plan_pack(shape).total
-    return plan_prune(shape, method, nsamples=NSAMPLES, seqlen=SEQLEN).total
+    sw = software()
+    if not sw["commit"]:
+        return f"seftc {sw['seftc']}"
+    return sw["commit"][:7] + ("+dirty" if sw["dirty"] else "")
+
+
+class RowCache:
+    """Measured rows by their settings, in BENCH_DIR/rows.json (written after every row)."""
+
+    def __init__(self, path: Path, remeasure: bool):
+        self.path = path
+        self.rows = {} if remeasure or not path.is_file() else json.loads(path.read_text())
+
+    def get(self, key: dict, measure) -> dict:
+        k = json.dumps(key, sort_keys=True)
+        if k not in self.rows:
+            self.rows[k] = {**key, **measure(), "commit": measured_by(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.rows, indent=1) + "\n")
+            tmp.replace(self.path)
+        return self.rows[k]
 
 
 def main() -> None:
@@ -131,34 +161,53 @@ def main() -> None:
     results_dir = Path(os.environ.get("BENCH_RESULTS", ROOT / "results"))
     shard = os.environ.get("BENCH_SHARD", "2GB")
     calib = os.environ.get("BENCH_CALIB", CALIB)
+    clean = set(filter(None, os.environ.get("BENCH_CLEAN", "").split(",")))
     work.mkdir(parents=True, exist_ok=True)
+    cache = RowCache(work / "rows.json", os.environ.get("BENCH_REMEASURE") == "1")
+    settings = {"nsamples": NSAMPLES, "seqlen": SEQLEN, "shard": shard, "calib": calib}
     rows = []
     for shape in shapes:
-        model = write_random_model(work / f"model-{shape}", shape, shard)
+        model = work / f"model-{shape}"
         methods = ["wanda"] + (["sparsegpt"] if shape in ("1.1b", "tiny") else [])
         for method in methods:
-            out = work / f"pruned-{shape}-{method}"
-            run = measured(["prune", str(model), "-o", str(out), "--force", "--method", method, "--sparsity", "0.5",
-                            "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--calib", calib, "--device", "cpu",
-                            "--max-shard-size", shard, "--json"])
-            rows.append({"shape": shape, "command": "prune", "method": method, "wall_s": run["wall_s"], "peak_rss": run["peak_rss"],
-                         "plan": plan_total(model, "prune", method), "exact_sparsity": exact_sparsity(out),
-                         "checkpoint_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors"))})
+            def prune_row(method=method):
+                write_random_model(model, shape, shard)
+                out = work / f"pruned-{shape}-{method}"
+                run = measured(["prune", str(model), "-o", str(out), "--force", "--method", method, "--sparsity", "0.5",
+                                "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--calib", calib, "--device", "cpu",
+                                "--max-shard-size", shard, "--json"])
+                return {"wall_s": run["wall_s"], "peak_rss": run["peak_rss"], "exact_sparsity": exact_sparsity(out),
+                        "checkpoint_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors"))}
+
+            rows.append(cache.get({"shape": shape, "command": "prune", "method": method, **settings}, prune_row))
             print(json.dumps(rows[-1]), flush=True)
         if shape in ("7b", "tiny"):
-            run = measured(["pack", str(work / f"pruned-{shape}-wanda"), "-o", str(work / f"packed-{shape}"), "--force",
-                            "--max-shard-size", shard, "--json"])
-            rows.append({"shape": shape, "command": "pack", "method": None, "wall_s": run["wall_s"], "peak_rss": run["peak_rss"],
-                         "plan": plan_total(model, "pack", None), "exact_sparsity": None,
-                         "packed_bytes": json.loads(run["stdout"])["file_bytes"]})
+            def pack_row():
+                if not (work / f"pruned-{shape}-wanda" / "config.json").is_file():
+                    raise SystemExit(f"pack row of {shape}: its pruned output is gone (BENCH_REMEASURE=1 measures the prune again)")
+                run = measured(["pack", str(work / f"pruned-{shape}-wanda"), "-o", str(work / f"packed-{shape}"), "--force",
+                                "--max-shard-size", shard, "--json"])
+                return {"wall_s": run["wall_s"], "peak_rss": run["peak_rss"], "exact_sparsity": None,
+                        "packed_bytes": json.loads(run["stdout"])["file_bytes"]}
+
+            rows.append(cache.get({"shape": shape, "command": "pack", "method": None, **settings}, pack_row))
             print(json.dumps(rows[-1]), flush=True)
+        if shape in clean:
+            for folder in work.glob(f"*-{shape}*"):
+                shutil.rmtree(folder, ignore_errors=True)
+    for r in rows:  # the plan of the current code, from the shape alone
+        from seftc.plan import plan_pack, plan_prune, shape_of
+
+        cfg = shape_of(llama_model(r["shape"]))
+        r["plan"] = (plan_pack(cfg) if r["command"] == "pack" else plan_prune(cfg, r["method"], nsamples=NSAMPLES, seqlen=SEQLEN)).total
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "scale.json").write_text(json.dumps({"nsamples": NSAMPLES, "seqlen": SEQLEN, "shard": shard, "rows": rows}, indent=2) + "\n")
-    lines = ["| shape | command | method | wall (s) | peak RSS (GiB) | plan (GiB) | plan / peak | exact sparsity |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    (results_dir / "scale.json").write_text(json.dumps({**settings, "rows": rows}, indent=2) + "\n")
+    lines = ["| shape | command | method | wall (s) | peak RSS (GiB) | plan (GiB) | plan / peak | exact sparsity | measured at |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['command']} | {r['method'] or ''} | {r['wall_s']:.1f} | {r['peak_rss'] / 2**30:.2f} | "
-                     f"{r['plan'] / 2**30:.2f} | {r['plan'] / r['peak_rss']:.2f} | {'' if r['exact_sparsity'] is None else r['exact_sparsity']} |")
+                     f"{r['plan'] / 2**30:.2f} | {r['plan'] / r['peak_rss']:.2f} | {'' if r['exact_sparsity'] is None else r['exact_sparsity']} | "
+                     f"{r['commit']}, {r['measured']} |")
     (results_dir / "scale.md").write_text(__doc__.split("\n", 1)[1] + "\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 

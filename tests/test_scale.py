@@ -308,6 +308,14 @@ def test_bench_scale_script_on_a_tiny_shape(tmp_path):
         assert r["peak_rss"] > 0 and r["plan"] > 0 and r["wall_s"] > 0
         assert r["exact_sparsity"] in (True, None)
     assert "| tiny | prune | wanda |" in (tmp_path / "results" / "scale.md").read_text()
+    assert all(r["commit"] for r in rows)
+    # a second run reuses the measured rows (completing a long benchmark in parts), then BENCH_CLEAN frees the disk
+    again = subprocess.run([sys.executable, str(root / "bench" / "bench_scale.py")], env={**env, "BENCH_CLEAN": "tiny"},
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    reused = json.loads((tmp_path / "results" / "scale.json").read_text())["rows"]
+    assert [(r["peak_rss"], r["measured"]) for r in reused] == [(r["peak_rss"], r["measured"]) for r in rows]
+    assert not model.exists() and not list((tmp_path / "work").glob("pruned-tiny-*"))
 
 
 def test_bench_shares_weights_and_keeps_the_checkpoint_dtype(tmp_path):
