@@ -1,15 +1,19 @@
 """Where a decode step's time goes: the linear layers against everything else (attention, norms,
-rotary, the KV cache, the engine's Python and the dispatch), at batch 1, dense and sparse, per dtype.
+rotary, the KV cache, the engine's Python and the dispatch), at batch 1, dense and sparse, per dtype,
+for each forward the engine can run: the lean pass (`seftc.runtime.fastpath`, "fastpath") and
+transformers' forward ("transformers", what `SEFTC_FASTPATH=0` runs).
 
 Method: the engine (`seftc.runtime.engine`, what `seftc generate` and `seftc serve` run) decodes the
 same greedy continuation twice per round, alternating: as is, and with every linear layer
-(`nn.Linear` and `SparseLinear`, the LM head included) replaced by a stub returning zeros of the
-right shape. The stubbed step is the per-token overhead; the difference is the linear layers.
+(`nn.Linear`, `SparseLinear`, `SparseInt8Linear`, the lean pass's fused layers and the LM head)
+replaced by a stub returning zeros of the right shape. The stubbed step is the per-token overhead;
+the difference is the linear layers. The two forwards alternate round by round in one process.
 Figures are medians over rounds of the per-step median. `--clock cpu` times the thread's CPU time
 instead of the wall clock (with `--threads 1` only): on a machine other processes share, it counts
 the work done, not the waits for a core.
 
-    python bench/profile_decode.py MODEL [--dtypes float32,bfloat16] [--steps 32] [--rounds 3] [--threads 2] [--clock wall|cpu]
+    python bench/profile_decode.py MODEL [--dtypes float32,bfloat16] [--forwards fastpath,transformers]
+        [--steps 32] [--rounds 3] [--threads 2] [--clock wall|cpu]
 """
 from __future__ import annotations
 
@@ -20,16 +24,26 @@ import sys
 import time
 
 
+FORWARDS = ("fastpath", "transformers")
+
+
 def stub_linears(model) -> list:
-    """Replace every linear layer's forward by a zeros-returning stub; returns what to restore."""
+    """Replace every linear layer's forward (the model's, and the fused ones of its lean pass) by a
+    zeros-returning stub; returns what to restore."""
     import torch
     from torch import nn
 
-    from seftc.runtime.linear import SparseLinear
+    from seftc.runtime import fastpath
+    from seftc.runtime.convert import is_sparse_linear
 
-    stubbed = []
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, SparseLinear)):
+    fast = fastpath.built(model)
+    modules = list(model.modules()) + (fast.linears() if fast is not None else [])
+    stubbed, seen = [], set()
+    for module in modules:
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, nn.Linear) or is_sparse_linear(module):
             out = module.out_features
 
             def stub(x, out=out):
@@ -62,28 +76,59 @@ def step_ms(engine, prompt: list[int], steps: int, clock=time.perf_counter) -> f
     return statistics.median(times) * 1e3
 
 
-def profile(model, tokenizer, prompt: list[int], steps: int, rounds: int, clock=time.perf_counter) -> dict[str, float]:
+def engine_for(model, tokenizer, forward: str):
+    """An engine running `forward` ("fastpath" or "transformers"; the lean pass falls back to
+    transformers' forward for a model it does not cover: the engine's `runner.name` says which)."""
+    import os
+
+    from seftc.runtime import fastpath
     from seftc.runtime.engine import Engine
 
-    engine = Engine(model, tokenizer)
+    if forward not in FORWARDS:
+        raise ValueError(f"forward {forward!r}: choose one of {', '.join(FORWARDS)}")
+    before = os.environ.get(fastpath.ENV)
+    os.environ[fastpath.ENV] = "1" if forward == "fastpath" else "0"
+    try:
+        engine = Engine(model, tokenizer)
+    finally:
+        if before is None:
+            os.environ.pop(fastpath.ENV, None)
+        else:
+            os.environ[fastpath.ENV] = before
     engine.warmup()
-    full, bare = [], []
+    return engine
+
+
+def profile(model, tokenizer, prompt: list[int], steps: int, rounds: int, clock=time.perf_counter,
+            forwards: tuple[str, ...] = ("fastpath",)) -> dict[str, dict[str, float]] | dict[str, float]:
+    """Per forward: the step's median time, the part outside the linear layers, their share. With one
+    forward (the default) its record alone; with several, {forward: record}, measured alternately."""
+    engines = {f: engine_for(model, tokenizer, f) for f in forwards}
+    full: dict[str, list[float]] = {f: [] for f in forwards}
+    bare: dict[str, list[float]] = {f: [] for f in forwards}
     for _ in range(rounds):
-        full.append(step_ms(engine, prompt, steps, clock))
+        for f, engine in engines.items():
+            full[f].append(step_ms(engine, prompt, steps, clock))
         stubbed = stub_linears(model)
         try:
-            bare.append(step_ms(engine, prompt, steps, clock))
+            for f, engine in engines.items():
+                bare[f].append(step_ms(engine, prompt, steps, clock))
         finally:
             restore(stubbed)
-    f, b = statistics.median(full), statistics.median(bare)
-    return {"step_ms": f, "outside_linear_ms": b, "linear_ms": f - b, "outside_share": b / f if f > 0 else float("nan"),
-            "step_ms_spread": [min(full), max(full)], "outside_ms_spread": [min(bare), max(bare)]}
+    records = {}
+    for f in forwards:
+        a, b = statistics.median(full[f]), statistics.median(bare[f])
+        records[f] = {"forward": engines[f].runner.name, "step_ms": a, "outside_linear_ms": b, "linear_ms": a - b,
+                      "outside_share": b / a if a > 0 else float("nan"), "tokens_per_s": 1e3 / a if a > 0 else float("nan"),
+                      "step_ms_spread": [min(full[f]), max(full[f])], "outside_ms_spread": [min(bare[f]), max(bare[f])]}
+    return records[forwards[0]] if len(forwards) == 1 else records
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a pruned or packed folder")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--forwards", default=",".join(FORWARDS), help="fastpath, transformers, or both (alternating)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -106,11 +151,15 @@ def main() -> int:
         pair = load_runtime_pair(args.model, dtype)
         vocab = int(pair.dense.config.vocab_size)
         prompt = [(i * 7919) % vocab for i in range(1, args.prompt_tokens + 1)]
+        forwards = tuple(args.forwards.split(","))
         for which, model in (("dense", pair.dense), ("sparse", pair.sparse)):
-            rec = {"dtype": dtype, "model": which, **profile(model, pair.tokenizer, prompt, args.steps, args.rounds, CLOCKS[args.clock])}
-            records.append(rec)
-            print(f"{dtype:9s} {which:6s} step {rec['step_ms']:7.2f} ms  linear {rec['linear_ms']:7.2f} ms  "
-                  f"outside {rec['outside_linear_ms']:6.2f} ms ({rec['outside_share']:.0%})", file=sys.stderr, flush=True)
+            per = profile(model, pair.tokenizer, prompt, args.steps, args.rounds, CLOCKS[args.clock], forwards)
+            for rec in (per.values() if len(forwards) > 1 else [per]):
+                rec = {"dtype": dtype, "model": which, **rec}
+                records.append(rec)
+                print(f"{dtype:9s} {which:6s} {rec['forward']:12s} step {rec['step_ms']:7.2f} ms ({rec['tokens_per_s']:5.1f} tok/s)  "
+                      f"linear {rec['linear_ms']:7.2f} ms  outside {rec['outside_linear_ms']:6.2f} ms ({rec['outside_share']:.0%})",
+                      file=sys.stderr, flush=True)
     print(json.dumps({"threads": torch.get_num_threads(), "clock": args.clock, "load_average": os.getloadavg(), "records": records}, indent=1))
     return 0
 

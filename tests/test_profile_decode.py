@@ -47,3 +47,25 @@ def test_profile_reports_the_share_outside_the_linear_layers():
     assert rec["step_ms"] > 0 and rec["outside_linear_ms"] > 0
     assert abs(rec["linear_ms"] + rec["outside_linear_ms"] - rec["step_ms"]) < 1e-9
     assert rec["outside_share"] == rec["outside_linear_ms"] / rec["step_ms"]
+
+
+def test_both_forwards_are_profiled_and_the_fused_layers_stubbed():
+    pd = _module()
+    from seftc.runtime import fastpath
+    from seftc.runtime.int8 import SparseInt8Linear
+
+    model = build_tiny_model("llama")
+    attn = model.model.layers[0].self_attn
+    attn.o_proj = SparseInt8Linear.from_dense(attn.o_proj)  # int8 layers are stubbed too
+    per = pd.profile(model, None, [1, 2, 3], steps=3, rounds=1, forwards=("fastpath", "transformers"))
+    assert [per[f]["forward"] for f in ("fastpath", "transformers")] == ["fastpath", "transformers"]
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] == 1e3 / r["step_ms"] for r in per.values())
+    fast = fastpath.built(model)
+    stubbed = pd.stub_linears(model)
+    try:
+        assert all(m in stubbed for m in fast.linears()) and attn.o_proj in stubbed
+        with torch.inference_mode():
+            out = fast.forward(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), fast.new_cache(1, 3))
+        assert not out.any()
+    finally:
+        pd.restore(stubbed)

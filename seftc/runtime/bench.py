@@ -19,7 +19,7 @@ from torch import nn
 
 from seftc.errors import SeftcError
 from seftc.runtime.convert import is_sparse_linear, model_nbytes, prepare_prefill, weight_bytes_per_token
-from seftc.runtime.engine import cache_kwarg
+from seftc.runtime.engine import TransformersRunner, runner_for
 
 
 @dataclass
@@ -218,27 +218,25 @@ def _prefill(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
     return lambda: model(input_ids=ids, use_cache=False)
 
 
-def _cache_names(model: nn.Module) -> tuple[str, str]:
-    """(forward keyword, output attribute) of the KV cache: `cache` in newer transformers."""
-    name = cache_kwarg(model)
-    return name, name
-
-
-def _decode_samples(model: nn.Module, ids: torch.Tensor, new_tokens: int, device: str) -> list[float]:
-    """Prefill `ids`, then time each of `new_tokens` single-token greedy steps."""
-    arg, attr = _cache_names(model)
-    out = model(input_ids=ids, use_cache=True)
-    cache = getattr(out, attr)
-    nxt = out.logits[:, -1:].argmax(-1)
+def _decode_samples(model: nn.Module, ids: torch.Tensor, new_tokens: int, device: str, runner: Any = None) -> list[float]:
+    """Prefill `ids`, then time each of `new_tokens` single-token greedy steps, through the decode
+    engine's own forward (`seftc.runtime.engine.runner_for`: the lean pass where it covers the model,
+    dense and sparse alike), or `runner`."""
+    runner = runner if runner is not None else runner_for(model)
+    rows, width = ids.shape
+    mask = torch.ones_like(ids)
+    logits, batch = runner.prefill(ids, mask, torch.arange(width, device=ids.device).expand(rows, width))
+    nxt = logits.argmax(-1)
+    positions = torch.full((rows,), width, dtype=torch.long, device=ids.device)
     times = []
     for _ in range(new_tokens):
         _sync(device)
         t = time.perf_counter()
-        out = model(input_ids=nxt, use_cache=True, **{arg: cache})
+        logits = runner.decode(batch, nxt, positions)
         _sync(device)
         times.append(time.perf_counter() - t)
-        cache = getattr(out, attr)
-        nxt = out.logits[:, -1:].argmax(-1)
+        nxt = logits.argmax(-1)
+        positions = positions + 1
     return times
 
 
@@ -287,7 +285,9 @@ def bench_layers(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: 
 
 def bench_layers_in_model(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str, vocab: int) -> list[LayerResult]:
     """Per-layer time inside real batch-1 decode steps (forward hooks), where each layer's weights
-    come from memory as in serving, not from a cache kept hot by repetition."""
+    come from memory as in serving, not from a cache kept hot by repetition. The steps run through
+    transformers' forward, whose separate q/k/v and gate/up layers the hooks can time (the lean
+    pass calls fused layers)."""
     names = [n for n, m in sparse.named_modules() if is_sparse_linear(m)]
     dense_modules, sparse_modules = dict(dense.named_modules()), dict(sparse.named_modules())
     times: dict[str, dict[str, list[float]]] = {"dense": {n: [] for n in names}, "sparse": {n: [] for n in names}}
@@ -309,8 +309,9 @@ def bench_layers_in_model(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig,
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         ids = torch.randint(0, vocab, (1, min(cfg.prompt_tokens, 16)), generator=gen).to(device)
         steps = max(2, cfg.new_tokens)
-        for m in (dense, sparse):
-            _decode_samples(m, ids, 1, device)
+        runners = {"dense": TransformersRunner(dense), "sparse": TransformersRunner(sparse)}
+        for which, m in (("dense", dense), ("sparse", sparse)):
+            _decode_samples(m, ids, 1, device, runners[which])
         for which in times:
             for n in names:
                 times[which][n].clear()
@@ -318,7 +319,7 @@ def bench_layers_in_model(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig,
             for which, m in (("dense", dense), ("sparse", sparse)):
                 # keep only the decode steps' samples (the prompt pass is the first call of each layer)
                 before = {n: len(times[which][n]) for n in names}
-                _decode_samples(m, ids, steps, device)
+                _decode_samples(m, ids, steps, device, runners[which])
                 for n in names:
                     del times[which][n][before[n]]
     finally:
@@ -359,6 +360,8 @@ def run_bench(dense: nn.Module, sparse: nn.Module, cfg: BenchConfig, device: str
                              backend=backend, isa=cpu.isa() if device == "cpu" else "n/a", config=asdict(cfg))
         result.config["batches"] = list(cfg.batches)
         result.config["layer_batches"] = list(cfg.layer_batches)
+        # the forward end-to-end decode runs (the engine's): "fastpath" (seftc.runtime.fastpath) or "transformers"
+        result.config["decode_forward"] = {"dense": runner_for(dense).name, "sparse": runner_for(sparse).name}
         if prefill:  # 2:4 layers on CUDA: semi-structured or dense prefill, with the timings behind the choice
             result.config["prefill_24"] = [d.to_json() for d in prefill]
         result.memory = {

@@ -4,8 +4,8 @@ and `seftc serve` (continuous batching). Whatever model it is given runs as is: 
 
 Design: a *padded, left-aligned batch* over one KV cache.
 
-- Every running sequence is one row of a batch. The rows share one `DynamicCache` whose tensors are
-  [rows, heads, T, head_dim]; each row's tokens fill the right end of its row, the columns to their
+- Every running sequence is one row of a batch. The rows share one KV cache whose tensors are
+  [rows, heads, T, head_dim] per layer; each row's tokens fill the right end of its row, the columns to their
   left are padding, masked out by the attention mask [rows, T] and skipped by the per-row position
   ids (so a row computes what it would alone, up to float rounding of the batched kernels).
 - `step()` is one engine iteration: admit waiting sequences in arrival order, up to `max_batch`
@@ -17,8 +17,13 @@ Design: a *padded, left-aligned batch* over one KV cache.
   sequence with its own generator), emit it, and drop the rows that finished. After rows leave,
   leading columns that are padding in every remaining row are cut off.
 - So requests join at the next step and leave at once, and a batch costs one forward per token for
-  all its rows. Copies happen only when rows join or leave (and in the cache's own growth by
-  concatenation, as in `transformers.generate`); a static, preallocated cache is runtime work to come.
+  all its rows. Copies happen only when rows join or leave, and when the cache grows.
+- The forward: for LLaMA-architecture models, the lean pass of `seftc.runtime.fastpath` (a static,
+  preallocated KV cache written in place and grown by doubling, fused q/k/v and gate/up
+  projections, no per-step concatenation); for other models, and everywhere with
+  `SEFTC_FASTPATH=0`, transformers' forward over a `DynamicCache` (grown by concatenation, as in
+  `transformers.generate`). Both sit behind one small interface (`runner_for`: prefill, decode,
+  merge, select), which `seftc bench` times too.
 - Thread model: `submit` and `cancel` may be called from any thread; `step` runs on one thread at a
   time (`run_forever` on a worker for the server, `generate` in the caller's thread for the CLI).
   Prompts wait in a bounded queue: `submit` raises `EngineFull` above `max_waiting`.
@@ -115,6 +120,107 @@ class _Detokenizer:
         after = self._decode(self.ids[self.start:])
         self.start = self.read = len(self.ids)
         return after[len(before):]
+
+
+class _Batch:
+    """A runner's state of the running batch: its KV cache and padding mask (rows x columns)."""
+
+    __slots__ = ("cache", "mask")
+
+    def __init__(self, cache: Any, mask: torch.Tensor | None = None):
+        self.cache, self.mask = cache, mask
+
+
+class TransformersRunner:
+    """The model's own forward over a `DynamicCache`; the mask is concatenated every step."""
+
+    name = "transformers"
+
+    def __init__(self, model: Any):
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = cache_kwarg(model)
+        self._has_positions = "position_ids" in params
+        self._has_keep = "logits_to_keep" in params
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self._cache_arg: cache, "use_cache": True, "attention_mask": mask}
+        if self._has_positions:
+            kwargs["position_ids"] = positions
+        if self._has_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, _Batch]:
+        """Left-padded prompts (ids, mask, positions [rows, T]) -> (last logits [rows, vocab], their batch)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        return self._forward(ids, mask, positions, cache), _Batch(cache, mask)
+
+    def decode(self, batch: _Batch, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row (ids, positions [rows]) -> logits [rows, vocab]."""
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
+        return self._forward(ids[:, None], batch.mask, positions[:, None], batch.cache)
+
+    def mask(self, batch: _Batch) -> torch.Tensor:
+        return batch.mask
+
+    def merge(self, a: _Batch, b: _Batch) -> _Batch:
+        """a's rows then b's, padding whichever is shorter on the left."""
+        width = max(a.mask.shape[1], b.mask.shape[1])
+        for old, new in zip(a.cache.layers, b.cache.layers):
+            if getattr(old, "keys", None) is None or getattr(new, "keys", None) is None:
+                continue
+            old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)], dim=0)
+        return _Batch(a.cache, torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)], dim=0))
+
+    def select(self, batch: _Batch, keep: list[int]) -> _Batch:
+        """Keep these rows; cut leading columns that are padding in every one of them."""
+        idx = torch.tensor(keep, device=batch.mask.device)
+        mask = batch.mask[idx]
+        first = int(mask.any(0).to(torch.int8).argmax())  # first column some remaining row uses
+        for layer in batch.cache.layers:
+            if getattr(layer, "keys", None) is None:
+                continue
+            layer.keys = layer.keys[idx][..., first:, :]
+            layer.values = layer.values[idx][..., first:, :]
+        return _Batch(batch.cache, mask[:, first:])
+
+
+class FastRunner:
+    """The lean forward of `seftc.runtime.fastpath` over its static cache (which holds the mask)."""
+
+    name = "fastpath"
+
+    def __init__(self, fast: Any):
+        self.fast = fast
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, _Batch]:
+        cache = self.fast.new_cache(ids.shape[0], ids.shape[1])
+        return self.fast.forward(ids, positions, cache, mask), _Batch(cache)
+
+    def decode(self, batch: _Batch, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.fast.forward(ids[:, None], positions[:, None], batch.cache)
+
+    def mask(self, batch: _Batch) -> torch.Tensor:
+        return batch.cache.used_mask()
+
+    def merge(self, a: _Batch, b: _Batch) -> _Batch:
+        return _Batch(a.cache.merge(b.cache))
+
+    def select(self, batch: _Batch, keep: list[int]) -> _Batch:
+        return _Batch(batch.cache.select(keep))
+
+
+def runner_for(model: Any) -> TransformersRunner | FastRunner:
+    """How the engine (and `seftc bench`'s decode timing) runs `model`: the lean forward where
+    `seftc.runtime.fastpath` covers it and `SEFTC_FASTPATH` is not 0, else transformers' forward."""
+    from seftc.runtime import fastpath
+
+    fast = fastpath.for_model(model)
+    return FastRunner(fast) if fast is not None else TransformersRunner(model)
 
 
 _ids = itertools.count(1)
@@ -242,23 +348,24 @@ class Engine:
         self.context = context or context_length(model.config)
         self.eos = set(eos) if eos is not None else eos_token_ids(model, tokenizer)
         self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = cache_kwarg(model)
-        self._has_positions = "position_ids" in params
-        self._has_keep = "logits_to_keep" in params
+        self.runner = runner_for(model)
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._closed = False
         self._stopping = False
-        # the batch: rows, and per row its last token and next position; the shared cache and mask
+        # the batch: rows, and per row its last token and next position; the runner's cache and mask
         self._rows: list[Sequence] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None
+        self._batch: _Batch | None = None
         self._positions: torch.Tensor | None = None
         self._next: torch.Tensor | None = None
 
     # --- any thread -------------------------------------------------------------------------------
+    @property
+    def _mask(self) -> torch.Tensor | None:
+        """The batch's padding mask [rows, columns] (None while no row runs)."""
+        return None if self._batch is None else self.runner.mask(self._batch)
+
     @property
     def running(self) -> int:
         return len(self._rows)
@@ -379,17 +486,7 @@ class Engine:
             self.stats.errors += 1
         seq._finish(reason, error)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
-        kwargs: dict[str, Any] = {self._cache_arg: cache, "use_cache": True, "attention_mask": mask}
-        if self._has_positions:
-            kwargs["position_ids"] = positions
-        if self._has_keep:
-            kwargs["logits_to_keep"] = 1
-        return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
-
     def _prefill(self, seqs: list[Sequence]) -> None:
-        from transformers import DynamicCache
-
         longest = max(len(s.prompt) for s in seqs)
         ids = torch.zeros((len(seqs), longest), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -398,9 +495,8 @@ class Engine:
             mask[i, longest - len(s.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
         try:
-            logits = self._forward(ids, mask, positions, cache)
+            logits, batch = self.runner.prefill(ids, mask, positions)
         except Exception as e:  # fails these sequences only; the running batch is untouched
             for s in seqs:
                 self._end(s, "error", f"prefill failed: {type(e).__name__}: {e}")
@@ -408,14 +504,13 @@ class Engine:
         self.stats.prefills += 1
         self.stats.prefill_rows += len(seqs)
         first = len(self._rows)
-        self._merge(seqs, cache, mask, torch.tensor([len(s.prompt) for s in seqs], device=self.device))
+        self._merge(seqs, batch, torch.tensor([len(s.prompt) for s in seqs], device=self.device))
         self._advance(range(first, first + len(seqs)), logits)
 
     def _decode(self) -> None:
         rows = len(self._rows)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
         try:
-            logits = self._forward(self._next[:, None], self._mask, self._positions[:, None], self._cache)
+            logits = self.runner.decode(self._batch, self._next, self._positions)
         except Exception as e:
             self._fail_running(f"decode failed: {type(e).__name__}: {e}")
             return
@@ -437,19 +532,13 @@ class Engine:
                 done.append(i)
         self._remove(done)
 
-    def _merge(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+    def _merge(self, seqs: list[Sequence], batch: _Batch, positions: torch.Tensor) -> None:
         """Append new rows (their prefilled cache and mask) to the batch, padding on the left."""
         nxt = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
         if not self._rows:
-            self._cache, self._mask, self._positions, self._next = cache, mask, positions, nxt
+            self._batch, self._positions, self._next = batch, positions, nxt
         else:
-            width = max(self._mask.shape[1], mask.shape[1])
-            for old, new in zip(self._cache.layers, cache.layers):
-                if getattr(old, "keys", None) is None or getattr(new, "keys", None) is None:
-                    continue
-                old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)], dim=0)
-                old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)], dim=0)
-            self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)], dim=0)
+            self._batch = self.runner.merge(self._batch, batch)
             self._positions = torch.cat([self._positions, positions])
             self._next = torch.cat([self._next, nxt])
         self._rows.extend(seqs)
@@ -461,17 +550,10 @@ class Engine:
         gone = set(rows)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         if not keep:
-            self._rows, self._cache, self._mask, self._positions, self._next = [], None, None, None, None
+            self._rows, self._batch, self._positions, self._next = [], None, None, None
             return
         idx = torch.tensor(keep, device=self.device)
-        mask = self._mask[idx]
-        first = int(mask.any(0).to(torch.int8).argmax())  # first column some remaining row uses
-        for layer in self._cache.layers:
-            if getattr(layer, "keys", None) is None:
-                continue
-            layer.keys = layer.keys[idx][..., first:, :]
-            layer.values = layer.values[idx][..., first:, :]
-        self._mask = mask[:, first:]
+        self._batch = self.runner.select(self._batch, keep)
         self._positions, self._next = self._positions[idx], self._next[idx]
         self._rows = [self._rows[i] for i in keep]
 

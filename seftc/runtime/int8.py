@@ -116,6 +116,14 @@ class Int8Layout:
         q, scales = packed.codec.quantized(packed, name)
         return cls.from_quantized(q, scales, packed.format)
 
+    @classmethod
+    def concat(cls, layouts: "list[Int8Layout]") -> "Int8Layout":
+        """The layout of the weights stacked by rows (as `SparseLayout.concat`; scales stack too)."""
+        base = SparseLayout.concat([SparseLayout(l.kind.removesuffix("-int8"), l.shape, l.masks, l.values, l.row_offsets)
+                                    for l in layouts])
+        values = torch.cat([base.values[: base.nnz_stored], base.values.new_zeros(INT8_PAD)])
+        return cls(base.kind + "-int8", base.shape, base.masks, values, torch.cat([l.scales for l in layouts]), base.row_offsets)
+
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = reference.dense_weight(self.masks, self.values, self.row_offsets, self.shape[1])
         return (q.float() * self.scales.float()[:, None]).to(dtype)

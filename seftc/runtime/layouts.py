@@ -123,6 +123,24 @@ class SparseLayout:
         dense = packed.to_dense(name)
         return cls.from_dense(dense, "2:4" if packed.format == "2:4" else "bitmask", dtype)
 
+    @classmethod
+    def concat(cls, layouts: "list[SparseLayout]") -> "SparseLayout":
+        """The layout of the weights stacked by rows (the layout is row-wise: masks and offsets stack,
+        values follow one another). All must have the same columns and values dtype; the kind is
+        theirs when they share it, else bitmask (a 2:4 block is a valid bitmask block)."""
+        cols = layouts[0].shape[1]
+        if any(l.shape[1] != cols or l.values.dtype != layouts[0].values.dtype for l in layouts):
+            raise ValueError("concatenated layouts need the same columns and values dtype")
+        kinds = {l.kind for l in layouts}
+        offsets, base = [torch.zeros(1, dtype=torch.int64)], 0
+        for l in layouts:
+            start = int(l.row_offsets[0])
+            offsets.append(l.row_offsets[1:] - start + base)
+            base += l.nnz_stored - start
+        values = torch.cat([l.values[int(l.row_offsets[0]):l.nnz_stored] for l in layouts])
+        return cls(kinds.pop() if len(kinds) == 1 else "bitmask", (sum(l.shape[0] for l in layouts), cols),
+                   torch.cat([l.masks for l in layouts]), _padded(values), torch.cat(offsets))
+
     def to_dense(self) -> torch.Tensor:
         from seftc.runtime.reference import dense_weight
 
