@@ -3,7 +3,7 @@
 The model is built on the meta device (no weights read) to count its parameters: outside the
 decoder blocks (embeddings, final norm, untied LM head), per block, and in the target linear
 layers. Each command's peak is then a sum of named terms: the weights it holds at once, gradients,
-optimizer state, SEFT slots (28 bytes each), mask copies, the working set of the largest layer,
+optimizer state, SEFT slots (36 bytes each), mask copies, the working set of the largest layer,
 activations, and the process itself (Python + torch + transformers). Terms are estimates of the
 peak resident set; the `bench-scale` benchmark prints them beside measured peaks.
 """
@@ -17,8 +17,12 @@ from seftc.errors import SeftcError
 from seftc.sizes import format_size, parse_size
 
 RUNTIME_BYTES = 380 * 2**20  # a seftc process with torch, transformers, a tokenizer and a built model class (measured on CPU)
-SEFT_SLOT_BYTES = 28  # delta, its gradient, two Adam moments, the step count (fp32) + int32 position and birth
-SEFT_SHARDED_SLOT_BYTES = 20  # of which FSDP2 shards δ, its gradient and the three optimizer tensors (position and birth are replicated)
+SEFT_SLOT_BYTES = 36  # δ, its gradient, two Adam moments, the step count (fp32), int32 position and birth, and during a
+# statistics window one growth candidate per slot (int32 position, fp32 gradient sum; candidates 1.0). Before the slim
+# state (issue 16) the candidate positions were int64: 40 bytes.
+SEFT_SHARDED_SLOT_BYTES = 20  # of which FSDP2 shards δ, its gradient and the three optimizer tensors (the rest is replicated)
+STATIC_ACTIVE_BYTES = 16  # static, per active weight: the fp32 value, its gradient and AdamW's two moments (all sharded by FSDP2);
+# 4 × the weights' bytes with --static-precision weights
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 REPAIR_METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
 
@@ -92,6 +96,17 @@ def model_shape(spec: str | os.PathLike, dtype: str = "auto", trust_remote_code:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return shape_of(model), ref.kind
+
+
+def pruned_sparsity(spec: str | os.PathLike, default: float = 0.5) -> float:
+    """The sparsity of a model written by `seftc prune` (its manifest), else `default`: what
+    static's state (per active weight) is planned for."""
+    from seftc.models.loading import resolve_model
+    from seftc.models.manifest import Manifest
+
+    ref = resolve_model(spec)
+    manifest = Manifest.load(ref.folder) if ref.kind in ("folder", "safetensors") else None
+    return manifest.sparsity if manifest is not None and manifest.layers else default
 
 
 @dataclass
@@ -172,8 +187,15 @@ def _packed(positions: int) -> int:
     return (positions + 7) // 8
 
 
-def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seqlen: int = 256, density: float = 0.02,
-                lora_r: int = 8, grad_checkpointing: bool = False, nproc: int = 1, fsdp: bool = False) -> Plan:
+def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seqlen: int = 256, density: float | None = None,
+                lora_r: int = 8, grad_checkpointing: bool = False, nproc: int = 1, fsdp: bool = False, sparsity: float = 0.5,
+                static_precision: str = "fp32") -> Plan:
+    """`sparsity`: the pruned input's (static's state is per active weight); `density`: SEFT's ρ
+    (default: repair's own default)."""
+    if density is None:
+        from seftc.repair.config import RepairConfig
+
+        density = RepairConfig.model_fields["density"].default
     if method not in REPAIR_METHODS:
         raise SeftcError(f"unknown repair method {method!r}; choose one of {', '.join(REPAIR_METHODS)}")
     p = Plan("repair", method, per_rank=nproc > 1)
@@ -187,10 +209,14 @@ def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seq
         slots = int(density * s.target_params)
         p.terms["SEFT slots"] = slots * SEFT_SHARDED_SLOT_BYTES // shard + slots * (SEFT_SLOT_BYTES - SEFT_SHARDED_SLOT_BYTES)
         p.terms["dense gradient (one layer)"] = s.max_target_numel * 4 * 3
-    elif method == "static":
+    elif method == "static":  # the dense target weights are freed for fp32 values of the active ones (the master copy on a half base)
+        active = int(s.target_params * (1 - sparsity))
+        v = STATIC_ACTIVE_BYTES // 4 if static_precision == "fp32" else d  # bytes of one value
+        p.terms["weights"] = max(s.params * d, (s.params - s.target_params) * d + active * v)  # the load, or after the swap
         p.terms["masks"] = _packed(s.target_params)
-        p.terms["gradients"] = s.target_params * d // shard
-        p.terms["optimizer state"] = s.target_params * 2 * d // shard  # AdamW's two moments in the weights' dtype (no fp32 master copy)
+        p.terms["gradients"] = active * v // shard
+        p.terms["optimizer state"] = active * 2 * v // shard  # AdamW's two moments, active weights only
+        p.terms["dense gradient (one layer)"] = s.max_target_numel * (v + d + 1)  # the gradient, the weight, the unpacked mask
     else:  # LoRA: r × (in + out) per target layer
         lora = lora_r * s.blocks * s.block_targets * 2 * s.hidden  # approximation: in + out ≈ 2 × hidden
         p.terms["adapters + grads + optimizer"] = lora * 4 * 4 // shard
@@ -234,13 +260,14 @@ def plan_bench(s: ModelShape, *, batch: int = 16, prompt_tokens: int = 64, spars
 
 
 def plan_all(s: ModelShape, *, method: str | None = None, batch_size: int | None = None, seqlen: int | None = None,
-             nsamples: int = 128, nproc: int = 1, fsdp: bool = False, gguf: bool = False) -> list[Plan]:
+             nsamples: int = 128, nproc: int = 1, fsdp: bool = False, gguf: bool = False, sparsity: float = 0.5) -> list[Plan]:
     if method is not None and method not in PRUNE_METHODS + REPAIR_METHODS:
         raise SeftcError(f"unknown method {method!r}; choose a prune method ({', '.join(PRUNE_METHODS)}) or a repair method ({', '.join(REPAIR_METHODS)})")
     prune_methods = [method] if method in PRUNE_METHODS else (["wanda", "sparsegpt"] if method is None else [])
     repair_methods = [method] if method in REPAIR_METHODS else (["seft", "static", "lora-merge"] if method is None else [])
     plans = [plan_prune(s, m, nsamples=nsamples, seqlen=seqlen or 512, batch_size=batch_size, gguf=gguf) for m in prune_methods]
-    plans += [plan_repair(s, m, batch_size=batch_size or 4, seqlen=seqlen or 256, nproc=nproc, fsdp=fsdp) for m in repair_methods]
+    plans += [plan_repair(s, m, batch_size=batch_size or 4, seqlen=seqlen or 256, nproc=nproc, fsdp=fsdp, sparsity=sparsity)
+              for m in repair_methods]
     plans += [plan_pack(s), plan_eval(s, batch_size=batch_size or 4, seqlen=seqlen or 512), plan_bench(s)]
     return plans
 

@@ -176,7 +176,9 @@ def test_seft_layer_holds_one_packed_mask_and_merges_in_place():
 @pytest.mark.parametrize("method", ["seft", "static", "masked-lora"])
 def test_repair_keeps_packed_masks_and_merges_into_the_loaded_weights(pruned, tmp_path, method):
     """The run keeps every mask as packed bits, and the final merge writes into the weights the
-    model was loaded with (no new layers built while the old are held)."""
+    model was loaded with (no new layers built while the old are held). static frees the dense
+    weights when it attaches (it holds the active values only) and builds each layer's weight back
+    one at a time (test_active_values_linear_gathers_gradients_at_the_mask_and_merges_back)."""
     from seftc.models.loading import load_model, resolve_model
     from seftc.prune.masks import PackedMask
 
@@ -184,9 +186,43 @@ def test_repair_keeps_packed_masks_and_merges_into_the_loaded_weights(pruned, tm
     before = {n: m.weight.data_ptr() for n, m in loaded.model.named_modules() if n.endswith("proj")}
     r = repair(loaded, output=tmp_path / "r", method=method, density=0.05, device="cpu", **{**QUICK, "steps": 6})
     after = {n: m.weight.data_ptr() for n, m in r.loaded.model.named_modules() if n.endswith("proj")}
-    assert before and after == before
+    assert before and (after == before) is (method != "static")
     assert r.masks and all(isinstance(m, PackedMask) for m in r.masks.values())
     assert [x.mask_sha256 for x in r.manifest.layers] == [x.mask_sha256 for x in Manifest.load(tmp_path / "r").layers]
+
+
+def test_active_values_linear_gathers_gradients_at_the_mask_and_merges_back():
+    """static's layer: one fp32 value per active weight; the forward and the gradients are those of
+    the masked dense layer; nothing dense outlives the backward; merge gives back a plain layer in
+    the base's dtype, zero outside the mask, and frees the values."""
+    from seftc.prune.masks import PackedMask
+    from seftc.repair.layer import ActiveValuesLinear
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.nn.Linear(16, 8).to(dtype)
+        mask = torch.rand(8, 16) < 0.4
+        with torch.no_grad():
+            base.weight.mul_(mask)
+        ref_w = base.weight.detach().float().clone().requires_grad_(True)
+        layer = ActiveValuesLinear(base, PackedMask.pack(mask))
+        assert layer.values.dtype == torch.float32 and layer.values.numel() == int(mask.sum())
+        assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["values"]
+        x = torch.randn(3, 5, 16)
+        y = layer(x.to(dtype))
+        want = torch.nn.functional.linear(x, ref_w, base.bias.float())
+        torch.testing.assert_close(y.float(), want, atol=0.05 if dtype == torch.bfloat16 else 1e-6, rtol=0.02 if dtype == torch.bfloat16 else 1e-5)
+        y.float().square().sum().backward()
+        want.square().sum().backward()
+        assert layer.values.grad.shape == layer.values.shape  # the gradient lives on the active weights only
+        if dtype == torch.float32:
+            torch.testing.assert_close(layer.values.grad, ref_w.grad[mask])
+        merged = layer.merge()
+        assert isinstance(merged, torch.nn.Linear) and merged.weight.dtype == dtype and not merged.weight.requires_grad
+        assert torch.equal(merged.weight != 0, mask & (base.weight != 0)) and merged.bias is base.bias
+        assert layer.values.numel() == 0
+        half = ActiveValuesLinear(base, PackedMask.pack(mask), dtype)  # --static-precision weights: the base's own dtype
+        assert half.values.dtype == dtype and half(x.to(dtype)).dtype == dtype
 
 
 # -- end to end ----------------------------------------------------------------------------------
@@ -469,5 +505,94 @@ def test_checkpoint_state_is_streamed_into_shards_and_resumes_exactly(pruned, tm
     from seftc.formats.shards import CheckpointReader, checkpoint_files
 
     a, b = (dict(CheckpointReader(checkpoint_files(tmp_path / name)).items()) for name in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [x.mask_sha256 for x in whole.manifest.layers] == [x.mask_sha256 for x in resumed.manifest.layers]
+
+
+# -- static: state on the active weights only ------------------------------------------------------
+def _dense_masked_adamw_reference(src: Path, steps: int, **cfg_over) -> dict[str, torch.Tensor]:
+    """What `static` computed before its state moved onto the active weights: every target's whole
+    weight trained by stock AdamW, its gradient masked before each step, the weight masked after
+    (dense gradients, dense moments); same data, schedule and loss as `repair`."""
+    from seftc.models.loading import load_model, resolve_model
+    from seftc.models.manifest import load_masks
+    from seftc.repair.api import lr_at
+    from seftc.repair.config import make_repair_config
+    from seftc.repair.data import TokenWindows
+
+    cfg = make_repair_config(method="static", **{**QUICK, "steps": steps, **cfg_over})
+    loaded = load_model(resolve_model(str(src)))
+    model = loaded.model.eval()
+    masks = {n: m.unpack() for n, m in load_masks(src, packed=True).items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = {n: model.get_submodule(n).weight for n in masks}
+    for w in weights.values():
+        w.requires_grad_(True)
+    opt = torch.optim.AdamW(list(weights.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    train = TokenWindows.from_source(loaded.tokenizer, cfg.data, cfg.seqlen, cfg.seed)
+    for step in range(cfg.steps):
+        ids = train.batch(step, cfg.batch_size)
+        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.grad.mul_(masks[n])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.masked_fill_(~masks[n], 0.0)
+    return {n + ".weight": w.detach() for n, w in weights.items()}
+
+
+@pytest.mark.parametrize("which", ["u70", "nm24"])
+def test_static_on_active_weights_matches_dense_masked_adamw(pruned, tmp_path, which):
+    """static's trainable state is one fp32 value per active weight (its gradient and AdamW's two
+    moments alike: no dense gradient or dense moment survives a step), and it trains exactly what
+    dense AdamW under a fixed mask trains (to float tolerance)."""
+    src = pruned / which
+    over = dict(weight_decay=0.1)
+    r = repair(str(src), method="static", output=tmp_path / "r", device="cpu", **{**QUICK, "steps": 5}, **over)
+    want = _dense_masked_adamw_reference(src, 5, **over)
+    got = load_file(tmp_path / "r" / "model.safetensors")
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-5) for k in want), worst
+    assert any(not torch.equal(got[k], load_file(src / "model.safetensors")[k]) for k in want)  # it trained
+    active = sum(_saved_nonzero(src).values())
+    assert r.manifest.config["trainable_params"] == active  # one trainable value per active weight, not per weight
+
+
+def test_seft_slot_state_is_int32_and_old_int64_checkpoints_resume(pruned, tmp_path):
+    """Slot state kept across steps holds int32 positions (slots, the window's growth candidates,
+    the cool-down list): a checkpoint inside a statistics window has SEFT_SLOT_BYTES per slot, less
+    δ's gradient (not saved). A checkpoint written before (int64 positions) still resumes to the
+    uninterrupted run's result, bit for bit."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from seftc.plan import SEFT_SLOT_BYTES
+
+    args = dict(density=0.05, device="cpu", checkpoint_every=7, evict_cooldown=2, **{**QUICK, "steps": 9})
+    whole = repair(str(pruned / "u70"), output=tmp_path / "whole", **args)
+    ckpt = tmp_path / "ckpt"
+    repair(str(pruned / "u70"), output=tmp_path / "stopped", checkpoint_dir=ckpt, stop_after=7, **args)
+    step = ckpt / (ckpt / "latest").read_text().strip()
+    assert step.name == "step-00000007"  # inside the second window (steps 7-8), after one update (an eviction list)
+    (state_file,) = step.glob("state*.safetensors")
+    with safe_open(str(state_file), "pt") as f:
+        meta = f.metadata()
+    state = load_file(state_file)
+    positions = [key for key in state if key.endswith(("slots", "cand_pos", "evicted_pos"))]
+    assert any(key.endswith("evicted_pos") for key in positions) and all(state[key].dtype == torch.int32 for key in positions)
+    k = state["0.slots"].numel()
+    per_slot = sum(state[key].numel() * state[key].element_size()
+                   for key in ("0.slots", "0.delta", "0.birth", "0.cand_pos", "0.cand_sum", "opt.0.m", "opt.0.v", "opt.0.t")) / k
+    assert per_slot == SEFT_SLOT_BYTES - 4
+    old = {key: t.long() if key.endswith(("cand_pos", "evicted_pos")) else t for key, t in state.items()}  # as written before
+    save_file(old, str(state_file), metadata=meta)
+    resumed = repair(str(pruned / "u70"), output=tmp_path / "resumed", checkpoint_dir=ckpt, resume=True, **args)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [x.mask_sha256 for x in whole.manifest.layers] == [x.mask_sha256 for x in resumed.manifest.layers]

@@ -209,6 +209,7 @@ def test_bad_max_shard_size_is_refused_before_work(tiny_dir, tmp_path):
 
 def test_plan_cli_json_adds_up_from_the_config(tiny_dir):
     from seftc.plan import SEFT_SLOT_BYTES
+    from seftc.repair.config import RepairConfig
 
     out = json.loads(_run("plan", str(tiny_dir), "--json").output)
     model = build_tiny_model("llama")
@@ -221,13 +222,31 @@ def test_plan_cli_json_adds_up_from_the_config(tiny_dir):
             ("pack", None), ("eval", None), ("bench", None)} <= set(plans)
     for p in plans.values():
         assert p["total"] == sum(p["terms"].values()) > 0
-    assert plans[("repair", "seft")]["terms"]["SEFT slots"] == int(0.02 * shape["target_params"]) * SEFT_SLOT_BYTES
+    density = RepairConfig.model_fields["density"].default  # the plan assumes repair's own default ρ
+    assert plans[("repair", "seft")]["terms"]["SEFT slots"] == int(density * shape["target_params"]) * SEFT_SLOT_BYTES
     fsdp = {(p["command"], p["method"]): p for p in json.loads(_run("plan", str(tiny_dir), "--json", "--nproc", "2", "--fsdp",
                                                                      "--method", "static").output)["plans"]}
     assert fsdp[("repair", "static")]["per_rank"] and ("prune", "wanda") not in fsdp
     assert fsdp[("repair", "static")]["terms"]["optimizer state"] * 2 == plans[("repair", "static")]["terms"]["optimizer state"]
     r = _run("plan", str(tiny_dir), "--method", "nope", ok=False)
     assert r.exit_code == 2 and "unknown method" in r.output
+
+
+def test_plan_static_state_is_per_active_weight_of_the_pruned_input(tiny_dir, tmp_path):
+    """static holds fp32 values, gradients and AdamW moments for the active weights only: `plan`
+    reads the pruned input's sparsity from its manifest (16 bytes per active weight in all)."""
+    from seftc.models.manifest import Manifest
+    from seftc.plan import STATIC_ACTIVE_BYTES
+
+    prune(str(tiny_dir), method="magnitude", sparsity=0.7, output=tmp_path / "p")
+    out = json.loads(_run("plan", str(tmp_path / "p"), "--json", "--method", "static").output)
+    (plan,) = [p for p in out["plans"] if p["command"] == "repair"]
+    active = int(out["shape"]["target_params"] * (1 - Manifest.load(tmp_path / "p").sparsity))
+    assert active < 0.31 * out["shape"]["target_params"]
+    terms = plan["terms"]
+    assert terms["gradients"] + terms["optimizer state"] == active * (STATIC_ACTIVE_BYTES - 4)  # the values are in "weights"
+    dense = json.loads(_run("plan", str(tiny_dir), "--json", "--method", "static").output)["plans"][0]["terms"]  # no manifest: 50%
+    assert dense["optimizer state"] > terms["optimizer state"]
 
 
 def test_plan_streamed_prune_is_flat_with_depth():

@@ -28,12 +28,12 @@ def plan(model: str, method: str | None, batch_size: int | None, seqlen: int | N
     """Estimate, per command, the peak memory MODEL needs (weights, gradients, optimizer state, SEFT slots, activations)."""
     from dataclasses import asdict
 
-    from seftc.plan import model_shape, plan_all
+    from seftc.plan import model_shape, plan_all, pruned_sparsity
     from seftc.sizes import format_size
 
     shape, kind = model_shape(model, dtype, trust_remote_code)
     plans = plan_all(shape, method=method, batch_size=batch_size, seqlen=seqlen, nsamples=nsamples, nproc=nproc, fsdp=fsdp,
-                     gguf=kind == "gguf")
+                     gguf=kind == "gguf", sparsity=pruned_sparsity(model))
     if as_json:
         print_json({"model": model, "shape": asdict(shape), "nproc": nproc, "fsdp": fsdp, "plans": [p.to_json() for p in plans]})
         return

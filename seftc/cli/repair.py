@@ -37,11 +37,12 @@ def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, ma
     if max_memory is not None:
         import os
 
-        from seftc.plan import check_fits, model_shape, plan_repair
+        from seftc.plan import check_fits, model_shape, plan_repair, pruned_sparsity
 
         check_fits(plan_repair(model_shape(model)[0], cfg.method, batch_size=cfg.batch_size, seqlen=cfg.seqlen, density=cfg.density,
                                lora_r=cfg.lora_r, grad_checkpointing=cfg.grad_checkpointing,
-                               nproc=int(os.environ.get("WORLD_SIZE", "1")), fsdp=fsdp), max_memory)
+                               nproc=int(os.environ.get("WORLD_SIZE", "1")), fsdp=fsdp, sparsity=pruned_sparsity(model),
+                               static_precision=cfg.static_precision), max_memory)
     try:
         with progress_bars(not as_json) as bars:
             result = run_repair(model, cfg, output=output, force=force, resume=resume, trust_remote_code=trust_remote_code, max_shard_size=max_shard_size,

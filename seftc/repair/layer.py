@@ -152,3 +152,63 @@ class SeftLinear(nn.Module):
         self.delta = nn.Parameter(self.delta.data.new_empty(0), requires_grad=False)
         self.merged_pos, self.merged_val = self.merged_pos[:0], self.merged_val[:0]
         return out
+
+
+class _ActiveValuesLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, layer):  # type: ignore[override]
+        ctx.save_for_backward(x, values)
+        ctx.layer = layer
+        return F.linear(x, layer.dense(values, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, values = ctx.saved_tensors
+        layer: ActiveValuesLinear = ctx.layer
+        grad_x = grad_out @ layer.dense(values, grad_out.dtype)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dense = g2.T.to(values.dtype) @ x2.to(values.dtype)  # transient dense dL/dW, gathered at A below
+        grad_values = dense.reshape(-1)[layer.mask.unpack().reshape(-1)]
+        return grad_x, grad_values, None, None
+
+
+class ActiveValuesLinear(nn.Module):
+    """`static`'s layer: the weights of the active set A only, as one fp32 trainable vector
+    `values` (row-major order of A), beside A's packed bits; no dense weight is held. The forward
+    scatters them into a dense weight in the activations' dtype (transient, one layer at a time),
+    and the backward gathers the dense gradient at A, so the gradient and AdamW's moments are the
+    size of A. `values` are fp32 by default: on an fp32 base the weights themselves (no second
+    copy), on a bf16/fp16 base the master copy mixed precision asks for (small updates are not
+    rounded away), replacing the half-precision weights until `merge`; `dtype` the base's own
+    dtype instead trains in it (half the state, the updates rounded as the weights are)."""
+
+    def __init__(self, base: nn.Linear, mask: PackedMask, values_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.dtype = base.weight.dtype
+        self.mask = mask
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        flat = base.weight.detach().reshape(-1)
+        self.values = nn.Parameter(flat[mask.unpack().reshape(-1)].to(values_dtype))
+
+    def dense(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[out, in] in `dtype`: `values` at A, +0.0 elsewhere."""
+        flat = torch.zeros(self.out_features * self.in_features, dtype=dtype, device=values.device)
+        flat.masked_scatter_(self.mask.unpack().reshape(-1), values.detach().to(dtype))
+        return flat.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ActiveValuesLinear.apply(x, self.values, self.bias, self)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain nn.Linear in the base's dtype holding the values at A (zero elsewhere); the
+        values are freed, so merging layer by layer holds one layer's dense weight at a time."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")  # no memory
+        out.weight = nn.Parameter(self.dense(self.values, self.dtype), requires_grad=False)
+        out.bias = self.bias
+        self.values = nn.Parameter(self.values.data.new_empty(0), requires_grad=False)
+        return out

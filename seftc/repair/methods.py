@@ -5,7 +5,7 @@ engine (distributed.py: DDP or FSDP2) has wrapped the model (`start`), steps it,
 leaves a plain model (every target an `nn.Linear`) behind (`finalize`, after the whole weights
 are gathered from FSDP2 shards where they are needed):
 - `seft`, `seft-noregrow`: SEFT (see seft.py); the ablation grows only into active positions.
-- `static`: every active weight trainable, mask fixed (gradients and weights masked each step).
+- `static`: every active weight trainable, mask fixed (state on the active weights only).
 - `masked-lora`: peft LoRA whose update B·A is multiplied by the mask, so sparsity is kept.
 - `lora-merge`: peft LoRA merged into W, then re-pruned with Wanda to each layer's target.
 - `lora-dense`: peft LoRA merged; sparsity is lost (reported as measured).
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from seftc.models.targets import Target
 from seftc.prune.masks import PackedMask, Pattern
 from seftc.repair.config import RepairConfig
-from seftc.repair.distributed import full_tensor, load_local, local_part
+from seftc.repair.distributed import full_tensor, load_local
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -190,33 +190,30 @@ class _TorchOptimMethod:
 
 
 class StaticMethod(_TorchOptimMethod):
+    """Each target becomes an `ActiveValuesLinear`: its trainable state (weights, gradient, AdamW's
+    moments) is one fp32 value per active weight, and the mask holds by construction."""
+
     def attach(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
+        from seftc.repair.layer import ActiveValuesLinear
+
         _freeze_all(model)
         self.masks = {t.name: masks[t.name].to(t.module.weight.device) for t in targets}
-        self.modules = {t.name: t.module for t in targets}
+        self.layers = {}
         for t in targets:
-            t.module.weight.requires_grad_(True)
+            dtype = torch.float32 if self.cfg.static_precision == "fp32" else t.module.weight.dtype
+            layer = ActiveValuesLinear(t.module, self.masks[t.name], dtype)
+            _set_module(model, t.name, layer)
+            t.module.weight = nn.Parameter(t.module.weight.data.new_empty(0), requires_grad=False)  # the dense base, freed now
+            self.layers[t.name] = layer
 
     def _trainable(self) -> list[torch.Tensor]:
-        return [m.weight for m in self.modules.values()]
-
-    def optimizer_step(self, lr: float) -> None:
-        """The gradients masked, AdamW, the weights masked: on the part of each weight this rank
-        holds (all of it, or its FSDP2 shard)."""
-        with torch.no_grad():
-            for name, module in self.modules.items():
-                if module.weight.grad is not None:
-                    grad = local_part(module.weight.grad)
-                    grad.flat.mul_(grad.rows_of(self.masks[name].unpack()))  # one layer's bool mask, transient
-        super().optimizer_step(lr)
-        with torch.no_grad():
-            for name, module in self.modules.items():
-                weight = local_part(module.weight)
-                weight.flat.masked_fill_(~weight.rows_of(self.masks[name].unpack()), 0.0)
+        return [layer.values for layer in self.layers.values()]
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor], whole: bool = True) -> dict[str, torch.Tensor]:
-        for module in self.modules.values():
-            module.weight.requires_grad_(False)
+        """With `whole` (the rank that saves), each layer back to a plain nn.Linear, one at a time."""
+        if whole:
+            for name, layer in self.layers.items():
+                _set_module(model, name, layer.merge())
         return self.masks
 
 

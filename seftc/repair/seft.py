@@ -153,7 +153,7 @@ class SeftController:
         self.names = list(layers)
         self.lr, self.weight_decay = lr, weight_decay
         self.state = {n: _LayerState(torch.full((l.delta.numel(),), -(10**9), dtype=torch.int32, device=l.delta.device),
-                                     evicted_pos=torch.empty(0, dtype=torch.int64, device=l.delta.device),
+                                     evicted_pos=torch.empty(0, dtype=torch.int32, device=l.delta.device),
                                      evicted_at=torch.empty(0, dtype=torch.int32, device=l.delta.device))
                       for n, l in layers.items()}
         self.update_index = 0
@@ -252,7 +252,9 @@ class SeftController:
             outside[st.evicted_pos] = False
         score = torch.where(outside, score.float(), torch.full_like(score, -1.0, dtype=torch.float32))
         c = min(int(math.ceil(self.options.candidates * layer.delta.numel())), int(outside.sum()))
-        return torch.topk(score, c).indices if c > 0 else torch.empty(0, dtype=torch.long, device=score.device)
+        if c == 0:
+            return torch.empty(0, dtype=torch.int32, device=score.device)
+        return torch.topk(score, c).indices.to(torch.int32)  # kept across the window: int32 (positions < 2**31 per layer)
 
     def _name_of(self, layer: SeftLinear) -> str:
         return layer._seft_name  # set by `attach`
@@ -288,7 +290,7 @@ class SeftController:
         if o.grow_candidates == "window":
             st.cand_pos = self._candidates(layer, st, st.win_sum.float().abs(), reactivate, active)
             st.cand_sum = st.win_sum[st.cand_pos].float()
-        cand = st.cand_pos
+        cand = st.cand_pos.long()  # transient, for this decision
         score = st.cand_sum.abs()
         gain = score / max(st.cand_n, 1) * self._tau(layer, live & ~protected_slot)
         protected_pos = torch.zeros_like(active)
@@ -394,7 +396,7 @@ class SeftController:
                 self._free(i, layer, on_slot)
             if self.options.evict_cooldown:
                 keep = st.evicted_at > self.update_index - self.options.evict_cooldown
-                st.evicted_pos = torch.cat([st.evicted_pos[keep], p.remove.long()])
+                st.evicted_pos = torch.cat([st.evicted_pos[keep], p.remove.to(torch.int32)])
                 st.evicted_at = torch.cat([st.evicted_at[keep], torch.full((p.remove.numel(),), self.update_index, dtype=torch.int32,
                                                                            device=p.remove.device)])
             emptied = int((rows_before & ~active.view(layer.out_features, -1).any(dim=1)).sum())
@@ -504,10 +506,12 @@ class SeftController:
             load_local(layer.delta, tensors[f"{i}.delta"])
             st.birth.copy_(tensors[f"{i}.birth"])
             st.cand_pos, st.cand_sum = get("cand_pos"), get("cand_sum")
+            if st.cand_pos is not None:  # checkpoints written before the slim state hold int64 positions
+                st.cand_pos = st.cand_pos.to(torch.int32)
             st.cand_n = int(tensors[f"{i}.cand_n"]) if f"{i}.cand_n" in tensors else 0
             st.win_abs, st.win_sq, st.win_sum = get("win_abs"), get("win_sq"), get("win_sum")
             st.win_n = int(tensors[f"{i}.win_n"]) if f"{i}.win_n" in tensors else 0
-            st.evicted_pos, st.evicted_at = get("evicted_pos", torch.int64), get("evicted_at", torch.int32)
+            st.evicted_pos, st.evicted_at = get("evicted_pos", torch.int32).to(torch.int32), get("evicted_at", torch.int32)
             layer.merged_pos, layer.merged_val = get("merged_pos", torch.int32), get("merged_val", torch.float32)
             if f"{i}.importance" in tensors:
                 self.importance[name] = tensors[f"{i}.importance"].to(device)
