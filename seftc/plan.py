@@ -21,8 +21,8 @@ SEFT_SLOT_BYTES = 36  # δ, its gradient, two Adam moments, the step count (fp32
 # statistics window one growth candidate per slot (int32 position, fp32 gradient sum; candidates 1.0). Before the slim
 # state (issue 16) the candidate positions were int64: 40 bytes.
 SEFT_SHARDED_SLOT_BYTES = 20  # of which FSDP2 shards δ, its gradient and the three optimizer tensors (the rest is replicated)
-STATIC_ACTIVE_BYTES = 16  # static, per active weight: the fp32 value, its gradient and AdamW's two moments (all sharded by FSDP2);
-# 4 × the weights' bytes with --static-precision weights
+STATIC_ACTIVE_VALUES = 4  # static, per active weight: the value, its gradient and AdamW's two moments (all sharded by FSDP2),
+# in the weights' dtype (--static-precision weights, the default) or fp32
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 REPAIR_METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
 
@@ -189,7 +189,7 @@ def _packed(positions: int) -> int:
 
 def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seqlen: int = 256, density: float | None = None,
                 lora_r: int = 8, grad_checkpointing: bool = False, nproc: int = 1, fsdp: bool = False, sparsity: float = 0.5,
-                static_precision: str = "fp32") -> Plan:
+                static_precision: str = "weights") -> Plan:
     """`sparsity`: the pruned input's (static's state is per active weight); `density`: SEFT's ρ
     (default: repair's own default)."""
     if density is None:
@@ -211,11 +211,12 @@ def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seq
         p.terms["dense gradient (one layer)"] = s.max_target_numel * 4 * 3
     elif method == "static":  # the dense target weights are freed for fp32 values of the active ones (the master copy on a half base)
         active = int(s.target_params * (1 - sparsity))
-        v = STATIC_ACTIVE_BYTES // 4 if static_precision == "fp32" else d  # bytes of one value
-        p.terms["weights"] = max(s.params * d, (s.params - s.target_params) * d + active * v)  # the load, or after the swap
+        v = 4 if static_precision == "fp32" else d  # bytes of one value
+        # the load (the dense targets' pages are released after the swap), or the other weights copied out of the map + the values
+        p.terms["weights"] = max(s.params * d, 2 * (s.params - s.target_params) * d + active * v)
         p.terms["masks"] = _packed(s.target_params)
         p.terms["gradients"] = active * v // shard
-        p.terms["optimizer state"] = active * 2 * v // shard  # AdamW's two moments, active weights only
+        p.terms["optimizer state"] = active * (STATIC_ACTIVE_VALUES - 2) * v // shard  # AdamW's two moments, active weights only
         p.terms["dense gradient (one layer)"] = s.max_target_numel * (v + d + 1)  # the gradient, the weight, the unpacked mask
     else:  # LoRA: r × (in + out) per target layer
         lora = lora_r * s.blocks * s.block_targets * 2 * s.hidden  # approximation: in + out ≈ 2 × hidden

@@ -205,7 +205,7 @@ def test_active_values_linear_gathers_gradients_at_the_mask_and_merges_back():
         with torch.no_grad():
             base.weight.mul_(mask)
         ref_w = base.weight.detach().float().clone().requires_grad_(True)
-        layer = ActiveValuesLinear(base, PackedMask.pack(mask))
+        layer = ActiveValuesLinear(base, PackedMask.pack(mask), torch.float32)  # --static-precision fp32
         assert layer.values.dtype == torch.float32 and layer.values.numel() == int(mask.sum())
         assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["values"]
         x = torch.randn(3, 5, 16)
@@ -221,7 +221,7 @@ def test_active_values_linear_gathers_gradients_at_the_mask_and_merges_back():
         assert isinstance(merged, torch.nn.Linear) and merged.weight.dtype == dtype and not merged.weight.requires_grad
         assert torch.equal(merged.weight != 0, mask & (base.weight != 0)) and merged.bias is base.bias
         assert layer.values.numel() == 0
-        half = ActiveValuesLinear(base, PackedMask.pack(mask), dtype)  # --static-precision weights: the base's own dtype
+        half = ActiveValuesLinear(base, PackedMask.pack(mask), dtype)  # --static-precision weights (default): the base's own dtype
         assert half.values.dtype == dtype and half(x.to(dtype)).dtype == dtype
 
 

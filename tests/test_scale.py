@@ -233,10 +233,10 @@ def test_plan_cli_json_adds_up_from_the_config(tiny_dir):
 
 
 def test_plan_static_state_is_per_active_weight_of_the_pruned_input(tiny_dir, tmp_path):
-    """static holds fp32 values, gradients and AdamW moments for the active weights only: `plan`
-    reads the pruned input's sparsity from its manifest (16 bytes per active weight in all)."""
+    """static holds values, gradients and AdamW moments for the active weights only: `plan` reads
+    the pruned input's sparsity from its manifest (4 values per active weight, here fp32)."""
     from seftc.models.manifest import Manifest
-    from seftc.plan import STATIC_ACTIVE_BYTES
+    from seftc.plan import STATIC_ACTIVE_VALUES
 
     prune(str(tiny_dir), method="magnitude", sparsity=0.7, output=tmp_path / "p")
     out = json.loads(_run("plan", str(tmp_path / "p"), "--json", "--method", "static").output)
@@ -244,7 +244,7 @@ def test_plan_static_state_is_per_active_weight_of_the_pruned_input(tiny_dir, tm
     active = int(out["shape"]["target_params"] * (1 - Manifest.load(tmp_path / "p").sparsity))
     assert active < 0.31 * out["shape"]["target_params"]
     terms = plan["terms"]
-    assert terms["gradients"] + terms["optimizer state"] == active * (STATIC_ACTIVE_BYTES - 4)  # the values are in "weights"
+    assert terms["gradients"] + terms["optimizer state"] == active * (STATIC_ACTIVE_VALUES - 1) * 4  # the values are in "weights"
     dense = json.loads(_run("plan", str(tiny_dir), "--json", "--method", "static").output)["plans"][0]["terms"]  # no manifest: 50%
     assert dense["optimizer state"] > terms["optimizer state"]
 

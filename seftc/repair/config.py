@@ -73,9 +73,9 @@ class RepairConfig(BaseModel):
         0, "Log held-out loss before/after each SEFT topology update on this many windows (0: off).")
     ood_data: str | None = described(None, "Out-of-domain held-out text for the damage log.", show_default="none")
     # static
-    static_precision: Literal["fp32", "weights"] = described(
-        "fp32", "static: dtype of the trained values, their gradient and AdamW's moments (active weights only): fp32 (on a "
-                "bf16/fp16 base the master copy mixed precision asks for) or the weights' own dtype (half the state on a half base).")
+    static_precision: Literal["weights", "fp32"] = described(
+        "weights", "static: dtype of the trained values, their gradient and AdamW's moments (active weights only): the weights' "
+                   "own dtype, or fp32 (on a bf16/fp16 base an fp32 master copy, as SEFT's δ: small updates kept, twice the state).")
     # LoRA baselines
     lora_r: Count = described(8, "LoRA baselines: adapter rank.")
     lora_alpha: PositiveFloat = described(16.0, "LoRA baselines: scaling α.")

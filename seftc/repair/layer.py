@@ -174,16 +174,15 @@ class _ActiveValuesLinear(torch.autograd.Function):
 
 
 class ActiveValuesLinear(nn.Module):
-    """`static`'s layer: the weights of the active set A only, as one fp32 trainable vector
-    `values` (row-major order of A), beside A's packed bits; no dense weight is held. The forward
-    scatters them into a dense weight in the activations' dtype (transient, one layer at a time),
-    and the backward gathers the dense gradient at A, so the gradient and AdamW's moments are the
-    size of A. `values` are fp32 by default: on an fp32 base the weights themselves (no second
-    copy), on a bf16/fp16 base the master copy mixed precision asks for (small updates are not
-    rounded away), replacing the half-precision weights until `merge`; `dtype` the base's own
-    dtype instead trains in it (half the state, the updates rounded as the weights are)."""
+    """`static`'s layer: the weights of the active set A only, as one trainable vector `values`
+    (row-major order of A), beside A's packed bits; no dense weight is held. The forward scatters
+    them into a dense weight in the activations' dtype (transient, one layer at a time), and the
+    backward gathers the dense gradient at A, so the gradient and AdamW's moments are the size of
+    A. `values_dtype`: the base's own (the weights themselves, no second copy), or fp32 on a
+    bf16/fp16 base (the master copy mixed precision asks for: small updates are not rounded away),
+    replacing the half-precision weights until `merge`."""
 
-    def __init__(self, base: nn.Linear, mask: PackedMask, values_dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Linear, mask: PackedMask, values_dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.weight.dtype

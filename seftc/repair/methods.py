@@ -205,6 +205,10 @@ class StaticMethod(_TorchOptimMethod):
             _set_module(model, t.name, layer)
             t.module.weight = nn.Parameter(t.module.weight.data.new_empty(0), requires_grad=False)  # the dense base, freed now
             self.layers[t.name] = layer
+        with torch.no_grad():  # the other weights out of the checkpoint's memory map, so the map and the dense targets' pages go
+            for p in model.parameters():
+                if p.device.type == "cpu":
+                    p.data = p.data.clone()
 
     def _trainable(self) -> list[torch.Tensor]:
         return [layer.values for layer in self.layers.values()]
