@@ -267,3 +267,14 @@ def test_bench_decode_times_the_engine_forward(monkeypatch):
     assert len(result.layers_in_model) == len([m for m in sparse.modules() if isinstance(m, SparseLinear)])
     monkeypatch.setenv(fastpath.ENV, "0")
     assert run_bench(dense, sparse, cfg).config["decode_forward"] == {"dense": "transformers", "sparse": "transformers"}
+
+
+def test_calibrate_measures_the_fused_layers_the_engine_runs():
+    from seftc.runtime import dispatch
+
+    model = _model("bitmask")
+    shapes = {tuple(r["shape"]) for r in dispatch.calibrate(model)}
+    fast = fastpath.built(model)
+    assert fast is not None
+    assert (fast.layers[0].qkv.out_features, 64) in shapes and (2 * fast.intermediate, 64) in shapes  # 128x64, 256x64
+    assert (64, 64) in shapes and (64, 128) in shapes  # o_proj, down_proj: unfused

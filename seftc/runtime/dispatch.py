@@ -352,10 +352,15 @@ def calibrate(model: torch.nn.Module, x_dtype: torch.dtype | None = None, remeas
     """Make sure every sparse layer class of `model` (any module with `dispatch_args() -> (paths,
     weight)`, on the CPU) has a plan, measuring new classes (all of them with `remeasure`); x's
     dtype defaults to the weight's (an integer weight's: the model's first float parameter's).
+    The fused layers of the model's lean forward (`seftc.runtime.fastpath`, built here if it covers
+    the model) are layers the engine runs, so they are measured too.
     Returns one record per class: its key and table (`describe`)."""
+    from seftc.runtime import fastpath  # not at the top: fastpath builds on the layers, which use this module
+
     seen: dict[tuple, Plan] = {}
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    for module in model.modules():
+    fast = fastpath.for_model(model)
+    for module in [*model.modules(), *(fast.linears() if fast is not None else [])]:
         if not callable(getattr(module, "dispatch_args", None)):
             continue
         paths, weight = module.dispatch_args()
