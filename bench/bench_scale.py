@@ -10,6 +10,13 @@ Protocol (written into results/scale.md and results/scale.json):
   `seftc pack` of the 7 B output; wall time of the whole command;
 - every pruned output is checked for exact sparsity tensor by tensor (each target keeps exactly
   numel − round(0.5 · numel) weights), and `seftc plan`'s estimate is printed beside each peak.
+- repair of the Wanda-50% output of the 0.5 B and 1.1 B shapes: SEFT (default ρ), static (the
+  weights' dtype, and with an fp32 master copy) and masked LoRA, 2 steps of batch 1 × 256 tokens of
+  shakespeare:train, each in its own process; then SEFT and static under `torchrun
+  --nproc_per_node=2 ... --fsdp` (batch 2: one sequence per rank), each rank's own peak
+  (bench/rank_peak.py) and their maximum. Beside them `plan`'s repair estimate, SEFT's bytes per
+  slot and the base's bytes, and `plan`'s projection of each method to the LLaMA-2-7B shape
+  (bf16 base; the SEFT slots and static's fp32 variant with fp32 optimizer state).
 - each measured row is kept in BENCH_DIR/rows.json with the seftc commit that measured it (shown in
   the table) and reused by later runs with the same settings, so a long benchmark can be completed in
   parts; BENCH_REMEASURE=1 measures every row again. `plan` is always computed by the current code.
@@ -40,6 +47,19 @@ SHAPES = {  # name: (hidden, layers, intermediate, heads, kv heads, vocab)
 }
 NSAMPLES, SEQLEN = int(os.environ.get("BENCH_NSAMPLES", 8)), int(os.environ.get("BENCH_SEQLEN", 128))
 CALIB = "shakespeare:calib"
+REPAIR_SHAPES = ("0.5b", "1.1b", "tiny")
+REPAIR_RUNS = (  # (label, `seftc repair` options, ranks); 2 ranks: torchrun with --fsdp
+    ("seft", ("--method", "seft"), 1),
+    ("static", ("--method", "static"), 1),
+    ("static fp32", ("--method", "static", "--static-precision", "fp32"), 1),
+    ("masked-lora", ("--method", "masked-lora"), 1),
+    ("seft", ("--method", "seft"), 2),
+    ("static", ("--method", "static"), 2),
+)
+REPAIR_STEPS, REPAIR_BATCH = 2, 1  # batch per rank
+REPAIR_SEQLEN = int(os.environ.get("BENCH_REPAIR_SEQLEN", 256))
+REPAIR_DATA = "shakespeare:train"
+PROJECTION_SEQLEN = 256  # the 7 B projection's, whatever BENCH_REPAIR_SEQLEN says
 
 
 def byte_tokenizer():
@@ -94,21 +114,30 @@ def write_random_model(folder: Path, shape: str, shard: str) -> Path:
     return folder
 
 
-def measured(args: list[str]) -> dict:
-    """Run `seftc ARGS` in its own process: wall time, peak RSS (that child's ru_maxrss), stdout."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+def measured(args: list[str], ranks: int = 1) -> dict:
+    """Run `seftc ARGS` in its own process: wall time, peak RSS (that child's ru_maxrss), stdout.
+    With `ranks` > 1, under `torchrun --nproc_per_node=RANKS`, each rank run by rank_peak.py: the
+    peak is the largest of the ranks' own peaks (`rank_peaks`: each one), not the launcher's."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, tempfile.TemporaryDirectory() as peaks:
+        cmd = [sys.executable, "-m", "seftc.cli.main", *args] if ranks == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(ROOT / "bench" / "rank_peak.py"),
+             peaks, *args]
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "seftc.cli.main", *args], stdout=out, stderr=err,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read().strip()
+        rank_peaks = [json.loads(f.read_text())["peak_rss"] for f in sorted(Path(peaks).glob("rank-*.json"))]
     if proc.returncode:
         raise SystemExit(f"seftc {' '.join(args)} failed ({proc.returncode}): {stderr.splitlines()[-1] if stderr else ''}")
-    return {"wall_s": round(wall, 2), "peak_rss": usage.ru_maxrss * 1024, "stdout": stdout}
+    if ranks == 1:
+        return {"wall_s": round(wall, 2), "peak_rss": usage.ru_maxrss * 1024, "stdout": stdout}
+    if len(rank_peaks) != ranks:
+        raise SystemExit(f"seftc {' '.join(args)}: {len(rank_peaks)} of {ranks} ranks reported their peak")
+    return {"wall_s": round(wall, 2), "peak_rss": max(rank_peaks), "rank_peaks": rank_peaks, "stdout": stdout}
 
 
 def exact_sparsity(folder: Path, sparsity: float = 0.5) -> bool:
@@ -161,6 +190,7 @@ def main() -> None:
     results_dir = Path(os.environ.get("BENCH_RESULTS", ROOT / "results"))
     shard = os.environ.get("BENCH_SHARD", "2GB")
     calib = os.environ.get("BENCH_CALIB", CALIB)
+    repair_data = os.environ.get("BENCH_REPAIR_DATA", REPAIR_DATA)
     clean = set(filter(None, os.environ.get("BENCH_CLEAN", "").split(",")))
     work.mkdir(parents=True, exist_ok=True)
     cache = RowCache(work / "rows.json", os.environ.get("BENCH_REMEASURE") == "1")
@@ -192,24 +222,87 @@ def main() -> None:
 
             rows.append(cache.get({"shape": shape, "command": "pack", "method": None, **settings}, pack_row))
             print(json.dumps(rows[-1]), flush=True)
+        for label, options, ranks in REPAIR_RUNS if shape in REPAIR_SHAPES else ():
+            def repair_row(options=options, ranks=ranks):
+                pruned = work / f"pruned-{shape}-wanda"
+                if not (pruned / "config.json").is_file():
+                    raise SystemExit(f"repair rows of {shape}: its pruned output is gone (BENCH_REMEASURE=1 measures the prune again)")
+                out = work / f"repaired-{shape}"
+                run = measured(["repair", str(pruned), "-o", str(out), "--force", *options, "--steps", str(REPAIR_STEPS), "--warmup", "1",
+                                "--batch-size", str(REPAIR_BATCH * ranks), "--seqlen", str(REPAIR_SEQLEN), "--eval-every", "0",
+                                "--data", repair_data, "--eval-data", repair_data, "--device", "cpu", "--max-shard-size", shard, "--json",
+                                *(["--fsdp"] if ranks > 1 else [])], ranks)
+                shutil.rmtree(out, ignore_errors=True)
+                return {k: v for k, v in run.items() if k != "stdout"}
+
+            key = {"shape": shape, "command": "repair", "method": label, "ranks": ranks, "steps": REPAIR_STEPS, "batch_per_rank": REPAIR_BATCH,
+                   "repair_seqlen": REPAIR_SEQLEN, "data": repair_data, "shard": shard}
+            rows.append(cache.get(key, repair_row))
+            print(json.dumps(rows[-1]), flush=True)
         if shape in clean:
             for folder in work.glob(f"*-{shape}*"):
                 shutil.rmtree(folder, ignore_errors=True)
-    for r in rows:  # the plan of the current code, from the shape alone
-        from seftc.plan import plan_pack, plan_prune, shape_of
+    from seftc.plan import SEFT_SLOT_BYTES, plan_pack, plan_prune, shape_of
 
+    for r in rows:  # the plan of the current code, from the shape alone
         cfg = shape_of(llama_model(r["shape"]))
-        r["plan"] = (plan_pack(cfg) if r["command"] == "pack" else plan_prune(cfg, r["method"], nsamples=NSAMPLES, seqlen=SEQLEN)).total
+        if r["command"] == "repair":
+            r["plan"] = repair_plan(cfg, r["method"], r["ranks"], r["repair_seqlen"]).total
+            r["slot_bytes"] = SEFT_SLOT_BYTES if r["method"] == "seft" else None
+            r["base_bytes"] = cfg.params * cfg.dtype_bytes
+        else:
+            r["plan"] = (plan_pack(cfg) if r["command"] == "pack" else plan_prune(cfg, r["method"], nsamples=NSAMPLES, seqlen=SEQLEN)).total
+    projection = seven_b_projection()
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "scale.json").write_text(json.dumps({**settings, "rows": rows}, indent=2) + "\n")
+    (results_dir / "scale.json").write_text(json.dumps({**settings, "rows": rows, "projection_7b": projection}, indent=2) + "\n")
     lines = ["| shape | command | method | wall (s) | peak RSS (GiB) | plan (GiB) | plan / peak | exact sparsity | measured at |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
+        if r["command"] == "repair":
+            continue
         lines.append(f"| {r['shape']} | {r['command']} | {r['method'] or ''} | {r['wall_s']:.1f} | {r['peak_rss'] / 2**30:.2f} | "
                      f"{r['plan'] / 2**30:.2f} | {r['plan'] / r['peak_rss']:.2f} | {'' if r['exact_sparsity'] is None else r['exact_sparsity']} | "
                      f"{r['commit']}, {r['measured']} |")
+    repairs = [r for r in rows if r["command"] == "repair"]
+    if repairs:
+        lines += ["", f"Repair, {REPAIR_STEPS} steps × {REPAIR_BATCH} × {REPAIR_SEQLEN} tokens per rank (peak: the largest rank's own):", "",
+                  "| shape | method | ranks | wall (s) | peak RSS (GiB) | per rank (GiB) | plan (GiB) | plan / peak | SEFT bytes / slot | "
+                  "base (GiB) | measured at |",
+                  "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+        for r in repairs:
+            per_rank = ", ".join(f"{p / 2**30:.2f}" for p in r.get("rank_peaks", []))
+            lines.append(f"| {r['shape']} | {r['method']} | {r['ranks']}{' (FSDP)' if r['ranks'] > 1 else ''} | {r['wall_s']:.1f} | "
+                         f"{r['peak_rss'] / 2**30:.2f} | {per_rank} | {r['plan'] / 2**30:.2f} | {r['plan'] / r['peak_rss']:.2f} | "
+                         f"{r['slot_bytes'] or ''} | {r['base_bytes'] / 2**30:.2f} | {r['commit']}, {r['measured']} |")
+    lines += ["", f"Projection to the LLaMA-2-7B shape (`plan`, bf16 base, batch {REPAIR_BATCH} × {PROJECTION_SEQLEN} per rank, "
+                  "Wanda 50% input):", ""]
+    lines += [f"- {p['method']}{' per rank of 2 (FSDP)' if p['ranks'] > 1 else ''}: {p['total'] / 2**30:.1f} GiB ({p['terms']})"
+              for p in projection]
     (results_dir / "scale.md").write_text(__doc__.split("\n", 1)[1] + "\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def repair_plan(shape, label: str, ranks: int, seqlen: int):
+    """`plan`'s repair estimate for a REPAIR_RUNS row (`label`: a method, or 'static fp32')."""
+    from seftc.plan import plan_repair
+
+    method, _, precision = label.partition(" ")
+    return plan_repair(shape, method, batch_size=REPAIR_BATCH * ranks, seqlen=seqlen, nproc=ranks, fsdp=ranks > 1, sparsity=0.5,
+                       static_precision=precision or "weights")
+
+
+def seven_b_projection() -> list[dict]:
+    """`plan`'s repair estimate of each REPAIR_RUNS setting (and lora-merge) at the LLaMA-2-7B shape."""
+    from seftc.plan import shape_of
+    from seftc.sizes import format_size
+
+    shape = shape_of(llama_model("7b"))
+    out = []
+    for label, ranks in [(label, ranks) for label, _, ranks in REPAIR_RUNS] + [("lora-merge", 1)]:
+        p = repair_plan(shape, label, ranks, PROJECTION_SEQLEN)
+        out.append({"method": label, "ranks": ranks, "total": p.total,
+                    "terms": ", ".join(f"{k} {format_size(v)}" for k, v in p.terms.items() if v)})
+    return out
 
 
 if __name__ == "__main__":

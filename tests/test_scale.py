@@ -316,17 +316,29 @@ def test_bench_scale_script_on_a_tiny_shape(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "BENCH_SHAPES": "tiny", "BENCH_DIR": str(tmp_path / "work"), "BENCH_RESULTS": str(tmp_path / "results"),
-           "BENCH_SHARD": "40KB", "BENCH_CALIB": str(TEXT), "BENCH_NSAMPLES": "2", "BENCH_SEQLEN": "32"}
+           "BENCH_SHARD": "40KB", "BENCH_CALIB": str(TEXT), "BENCH_NSAMPLES": "2", "BENCH_SEQLEN": "32", "BENCH_REPAIR_DATA": str(TEXT),
+           "BENCH_REPAIR_SEQLEN": "32"}
     out = subprocess.run([sys.executable, str(root / "bench" / "bench_scale.py")], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     model = tmp_path / "work" / "model-tiny"
     assert (model / "model.safetensors.index.json").is_file() and len(list(model.glob("model-*.safetensors"))) > 1
-    rows = json.loads((tmp_path / "results" / "scale.json").read_text())["rows"]
-    assert [(r["command"], r["method"]) for r in rows] == [("prune", "wanda"), ("prune", "sparsegpt"), ("pack", None)]
+    result = json.loads((tmp_path / "results" / "scale.json").read_text())
+    rows = result["rows"]
+    assert [(r["command"], r["method"]) for r in rows if r["command"] != "repair"] == [("prune", "wanda"), ("prune", "sparsegpt"), ("pack", None)]
     for r in rows:
         assert r["peak_rss"] > 0 and r["plan"] > 0 and r["wall_s"] > 0
-        assert r["exact_sparsity"] in (True, None)
-    assert "| tiny | prune | wanda |" in (tmp_path / "results" / "scale.md").read_text()
+        assert r.get("exact_sparsity") in (True, None)
+    # repair of the pruned output: each method in its own process, then SEFT and static on 2 FSDP ranks (each rank's own peak)
+    repairs = {(r["method"], r["ranks"]): r for r in rows if r["command"] == "repair"}
+    assert set(repairs) == {("seft", 1), ("static", 1), ("static fp32", 1), ("masked-lora", 1), ("seft", 2), ("static", 2)}
+    for (method, ranks), r in repairs.items():
+        assert r["base_bytes"] > 0 and (r["slot_bytes"] is not None) is (method == "seft") and (r["slot_bytes"] or 1) > 0
+        if ranks > 1:
+            assert len(r["rank_peaks"]) == 2 and all(p > 0 for p in r["rank_peaks"]) and r["peak_rss"] == max(r["rank_peaks"])
+    assert {(p["method"], p["ranks"]) for p in result["projection_7b"]} >= set(repairs)
+    assert all(p["total"] > 2**30 for p in result["projection_7b"])  # the 7 B shape, whatever the measured one
+    report = (tmp_path / "results" / "scale.md").read_text()
+    assert "| tiny | prune | wanda |" in report and "| tiny | seft | 2 (FSDP) |" in report and "LLaMA-2-7B" in report
     assert all(r["commit"] for r in rows)
     # a second run reuses the measured rows (completing a long benchmark in parts), then BENCH_CLEAN frees the disk
     again = subprocess.run([sys.executable, str(root / "bench" / "bench_scale.py")], env={**env, "BENCH_CLEAN": "tiny"},
