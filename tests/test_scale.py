@@ -398,3 +398,62 @@ def test_repair_writes_sharded_output(tmp_path):
     assert int(torch.count_nonzero(model.state_dict()[rec["name"] + ".weight"])) == rec["nonzero"]
     bad = _run("repair", str(tmp_path / "p"), "-o", str(tmp_path / "r2"), "--max-shard-size", "big", ok=False)
     assert bad.exit_code == 2 and "--max-shard-size" in bad.output and not (tmp_path / "r2").exists()
+
+
+def test_mask_file_is_sharded_at_the_bound_and_read_in_both_layouts(tmp_path):
+    """The mask file, like the weights, is written in shards of at most --max-shard-size
+    (`seftc_masks-0000i-of-0000n.st` + `seftc_masks.st.index.json`), by the streamed prune, by
+    save_model (repair) and carried whole by pack/unpack; one file keeps the old single name, which
+    is still read; a shard the index names but the folder lacks is an error naming it."""
+    from seftc.models.manifest import MASKS_NAME, save_masks
+
+    masks = {f"layer{i}": torch.rand(48, 64) < 0.5 for i in range(5)}  # 384 bytes of bits each
+    (tmp_path / "one").mkdir()
+    save_masks(tmp_path / "one", masks)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [MASKS_NAME]  # the old layout, one file
+    (tmp_path / "many").mkdir()
+    save_masks(tmp_path / "many", masks, max_shard_size=800)
+    index = json.loads((tmp_path / "many" / "seftc_masks.st.index.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "many").glob("seftc_masks-*.st"))
+    assert len(files) == 3 and sorted(set(index["weight_map"].values())) == files
+    assert all((tmp_path / "many" / f).stat().st_size <= 800 + 1024 for f in files)  # bits + header
+    for folder in ("one", "many"):
+        back, packed = load_masks(tmp_path / folder), load_masks(tmp_path / folder, packed=True)
+        assert back.keys() == masks.keys() and all(torch.equal(back[k], masks[k]) and torch.equal(packed[k].unpack(), masks[k]) for k in masks)
+    (tmp_path / "many" / files[1]).unlink()
+    with pytest.raises(SeftcError, match="missing"):
+        load_masks(tmp_path / "many")
+
+    src = _save(tmp_path / "m")
+    prune(str(src), method="wanda", sparsity=0.5, calib=CALIB, output=tmp_path / "p", max_shard_size="3KB")
+    assert len(list((tmp_path / "p").glob("seftc_masks-*.st"))) > 1 and not (tmp_path / "p" / MASKS_NAME).exists()
+    pruned = load_masks(tmp_path / "p")
+    _run("repair", str(tmp_path / "p"), "-o", str(tmp_path / "r"), "--method", "static", "--steps", "2", "--seqlen", "32",
+         "--batch-size", "2", "--data", str(TEXT), "--eval-data", str(TEXT), "--max-shard-size", "3KB")
+    assert len(list((tmp_path / "r").glob("seftc_masks-*.st"))) > 1
+    repaired = load_masks(tmp_path / "r")
+    assert repaired.keys() == pruned.keys() and all(torch.equal(repaired[k], pruned[k]) for k in pruned)  # static keeps the mask
+    _run("pack", str(tmp_path / "p"), "-o", str(tmp_path / "packed"))
+    _run("unpack", str(tmp_path / "packed"), "-o", str(tmp_path / "unpacked"))
+    for folder in ("packed", "unpacked"):
+        carried = load_masks(tmp_path / folder)
+        assert carried is not None and all(torch.equal(carried[k], pruned[k]) for k in pruned), folder
+
+
+def test_a_sharded_side_file_is_copied_whole_or_not_at_all(tmp_path):
+    """pack/unpack copy the mask file's shards with the other side files; when one shard cannot
+    be copied (here a link out of the folder) neither its index nor the other shards are, so the
+    output never holds an index that names a missing shard."""
+    from seftc.models.files import copy_side_files
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    (tmp_path / "outside.st").write_bytes(b"x")
+    (src / "seftc_masks-00001-of-00002.st").write_bytes(b"x")
+    (src / "seftc_masks-00002-of-00002.st").symlink_to(tmp_path / "outside.st")
+    (src / "seftc_masks.st.index.json").write_text(json.dumps({"weight_map": {"a": "seftc_masks-00001-of-00002.st",
+                                                                              "b": "seftc_masks-00002-of-00002.st"}}))
+    (src / "notes.txt").write_text("kept")
+    left_out = copy_side_files(src, dst, set())
+    assert sorted(p.name for p in dst.iterdir()) == ["notes.txt"]
+    assert set(left_out) == {"seftc_masks-00001-of-00002.st", "seftc_masks-00002-of-00002.st", "seftc_masks.st.index.json"}

@@ -21,7 +21,6 @@ import torch
 from seftc.errors import SeftcError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # like save_pretrained before transformers 5
-INDEX_SUFFIX = ".safetensors.index.json"
 
 
 class CloseOrAbort:
@@ -49,23 +48,28 @@ class FileWriter(Protocol):
     def abort(self) -> None: ...
 
 
-def shard_name(prefix: str, i: int, n: int) -> str:
-    return f"{prefix}-{i:05d}-of-{n:05d}.safetensors" if n > 1 else f"{prefix}.safetensors"
+def shard_name(prefix: str, i: int, n: int, suffix: str = ".safetensors") -> str:
+    return f"{prefix}-{i:05d}-of-{n:05d}{suffix}" if n > 1 else f"{prefix}{suffix}"
+
+
+def index_name(prefix: str, suffix: str = ".safetensors") -> str:
+    return f"{prefix}{suffix}.index.json"
 
 
 class ShardedWriter(CloseOrAbort):
     """Write tensors into `folder` as PREFIX shards of at most `max_shard_size` bytes, with the
     index when there is more than one. `open_file(path)` makes one shard's writer (default: a
-    plain safetensors file; `PackedWriter` for packed models). Use as a context manager."""
+    plain safetensors file; `PackedWriter` for packed models). `suffix` ends the file names
+    (`.st` for seftc's mask file, which no weight loader may pick up). Use as a context manager."""
 
     def __init__(self, folder: str | os.PathLike, prefix: str = "model", max_shard_size: int = 5 * 10**9,
-                 open_file: Callable[[Path], FileWriter] | None = None):
+                 open_file: Callable[[Path], FileWriter] | None = None, suffix: str = ".safetensors"):
         from seftc.formats.io import SafetensorsWriter
 
         if max_shard_size <= 0:
             raise SeftcError(f"the shard size bound must be positive, got {max_shard_size}")
         self.folder = Path(folder)
-        self.prefix = prefix
+        self.prefix, self.suffix = prefix, suffix
         self.max_shard_size = int(max_shard_size)
         self._open = open_file or SafetensorsWriter
         self._current: FileWriter | None = None
@@ -81,7 +85,7 @@ class ShardedWriter(CloseOrAbort):
         if self._current is not None and self._current.nbytes > 0 and self._current.nbytes + size > self.max_shard_size:
             self._close_current()
         if self._current is None:
-            self._current = self._open(self.folder / f".{self.prefix}.shard-{len(self._closed) + 1:05d}.safetensors")
+            self._current = self._open(self.folder / f".{self.prefix}.shard-{len(self._closed) + 1:05d}{self.suffix}")
         before = set(self._current.keys)
         result = self._current.add(name, obj)
         for key in self._current.keys - before:
@@ -100,16 +104,16 @@ class ShardedWriter(CloseOrAbort):
         """Close the last shard, give the shards their final names, write the index."""
         if self._current is not None or not self._closed:
             if self._current is None:
-                self._current = self._open(self.folder / f".{self.prefix}.shard-00001.safetensors")
+                self._current = self._open(self.folder / f".{self.prefix}.shard-00001{self.suffix}")
             self._close_current()
         n = len(self._closed)
-        self.files = [shard_name(self.prefix, i + 1, n) for i in range(n)]
+        self.files = [shard_name(self.prefix, i + 1, n, self.suffix) for i in range(n)]
         for path, final in zip(self._closed, self.files):
             os.replace(path, self.folder / final)
         if n > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {k: self.files[i] for k, i in sorted(self.weight_map.items())}}
-            (self.folder / f"{self.prefix}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (self.folder / index_name(self.prefix, self.suffix)).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return self.files
 
     def abort(self) -> None:
@@ -120,8 +124,9 @@ class ShardedWriter(CloseOrAbort):
             path.unlink(missing_ok=True)
 
 
-def read_index(path: Path) -> dict[str, str]:
-    """The weight map of an index file, validated: file names inside the folder, all present."""
+def read_index(path: Path, suffix: str = ".safetensors") -> dict[str, str]:
+    """The weight map of an index file, validated: file names (ending in `suffix`) inside the
+    folder, all present."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         weight_map = raw["weight_map"]
@@ -130,8 +135,8 @@ def read_index(path: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise SeftcError(f"{path}: 'weight_map' must map tensor names to file names")
     for name in set(weight_map.values()):
-        if "/" in name or "\\" in name or name in ("", ".", "..") or not name.endswith(".safetensors"):
-            raise SeftcError(f"{path}: shard {name!r} is not a .safetensors file name inside the folder")
+        if "/" in name or "\\" in name or name in ("", ".", "..") or not name.endswith(suffix):
+            raise SeftcError(f"{path}: shard {name!r} is not a {suffix} file name inside the folder")
         if not (path.parent / name).is_file():
             raise SeftcError(f"{path.parent}: shard {name} named in {path.name} is missing; copy the whole checkpoint")
     return weight_map
@@ -143,7 +148,7 @@ def checkpoint_files(folder: Path, single: Path | None = None, prefix: str = "mo
     if single is not None:
         return [Path(single)]
     folder = Path(folder)
-    index = folder / f"{prefix}{INDEX_SUFFIX}"
+    index = folder / index_name(prefix)
     if index.is_file():
         names = sorted(set(read_index(index).values()))
         return [folder / n for n in names]

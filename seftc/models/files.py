@@ -131,4 +131,14 @@ def copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
             left_out.append(f.name)
             continue
         shutil.copy2(f.resolve(), dst / f.name)
-    return left_out
+    for index in sorted(Path(dst).glob("*.index.json")):  # a sharded side file (the mask file) is copied whole or not at all
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = None
+        if shards is None or not all(isinstance(n, str) and "/" not in n and (Path(dst) / n).is_file() for n in shards):
+            for name in [index.name, *sorted(n for n in shards or () if isinstance(n, str) and "/" not in n)]:
+                if (Path(dst) / name).is_file():
+                    (Path(dst) / name).unlink()
+                    left_out.append(name)
+    return sorted(set(left_out))

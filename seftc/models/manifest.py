@@ -16,7 +16,8 @@ from typing import Any
 from seftc.errors import SeftcError
 
 MANIFEST_NAME = "seftc_manifest.json"
-MASKS_NAME = "seftc_masks.st"  # explicit keep-masks: safetensors layout, packed bits; not *.safetensors, so no weight loader picks it up
+MASKS_PREFIX, MASKS_SUFFIX = "seftc_masks", ".st"  # not *.safetensors, so no weight loader picks the mask file up
+MASKS_NAME = MASKS_PREFIX + MASKS_SUFFIX  # explicit keep-masks: safetensors layout, packed bits (sharded: see MaskWriter)
 MANIFEST_VERSION = 1
 
 
@@ -96,17 +97,43 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-class MaskWriter:
-    """Stream keep-masks (bool tensors) into the mask file, one at a time, as little-endian packed
-    bits with their shapes in the metadata; `close()` puts the file in place. A mask is explicit
-    state: a kept weight may be exactly zero (e.g. dequantized GGUF weights), so it cannot be
-    recovered from `W != 0`."""
+class _MaskShard:
+    """One file of the mask file: packed bits, each mask's shape in the metadata."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, path: Path):
         from seftc.formats.io import SafetensorsWriter
 
-        self._file = SafetensorsWriter(Path(folder) / MASKS_NAME)
-        self._shapes: dict[str, str] = {}
+        self._file = SafetensorsWriter(path)
+        self.keys = self._file.keys
+
+    @property
+    def nbytes(self) -> int:
+        return self._file.nbytes
+
+    def add(self, name: str, mask: tuple[Any, list[int]]) -> None:
+        bits, shape = mask
+        self._file.add(name, bits)
+        self._file.metadata[name] = json.dumps(list(shape))
+
+    def close(self) -> Path:
+        return self._file.close()
+
+    def abort(self) -> None:
+        self._file.abort()
+
+
+class MaskWriter:
+    """Stream keep-masks (bool tensors) into the mask file, one at a time, as little-endian packed
+    bits with their shapes in the metadata; `close()` puts the file in place. Like the weights it
+    is sharded at `max_shard_size` bytes: `seftc_masks.st` when it fits in one file, else
+    `seftc_masks-0000i-of-0000n.st` + `seftc_masks.st.index.json` (formats/shards.py). A mask is
+    explicit state: a kept weight may be exactly zero (e.g. dequantized GGUF weights), so it
+    cannot be recovered from `W != 0`."""
+
+    def __init__(self, folder: Path, max_shard_size: int = 5 * 10**9):
+        from seftc.formats.shards import ShardedWriter
+
+        self._file = ShardedWriter(folder, MASKS_PREFIX, max_shard_size, open_file=_MaskShard, suffix=MASKS_SUFFIX)
 
     def add(self, name: str, mask: Any) -> None:
         """`mask`: a bool tensor, or a PackedMask (its bits are written as they are)."""
@@ -119,20 +146,18 @@ class MaskWriter:
             bits = mask.bits.detach().to("cpu").contiguous()
         else:
             bits = torch.from_numpy(np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1), bitorder="little"))
-        self._file.add(name, bits)
-        self._shapes[name] = json.dumps(list(mask.shape))
+        self._file.add(name, (bits, list(mask.shape)), nbytes=bits.numel())
 
     def close(self) -> None:
-        self._file.metadata = dict(self._shapes)
         self._file.close()
 
     def abort(self) -> None:
         self._file.abort()
 
 
-def save_masks(folder: Path, masks: dict[str, Any]) -> None:
+def save_masks(folder: Path, masks: dict[str, Any], max_shard_size: int = 5 * 10**9) -> None:
     """Write the keep-masks (bool tensors) into `folder`'s mask file (see MaskWriter)."""
-    writer = MaskWriter(folder)
+    writer = MaskWriter(folder, max_shard_size)
     try:
         for name, m in masks.items():
             writer.add(name, m)
@@ -140,6 +165,17 @@ def save_masks(folder: Path, masks: dict[str, Any]) -> None:
         writer.abort()
         raise
     writer.close()
+
+
+def mask_files(folder: Path) -> list[Path]:
+    """The files of `folder`'s mask file: the shards its index names, or the single file, or none."""
+    from seftc.formats.shards import index_name, read_index
+
+    folder = Path(folder)
+    index = folder / index_name(MASKS_PREFIX, MASKS_SUFFIX)
+    if index.is_file():
+        return [folder / n for n in sorted(set(read_index(index, MASKS_SUFFIX).values()))]
+    return [folder / MASKS_NAME] if (folder / MASKS_NAME).is_file() else []
 
 
 def load_masks(folder: Path, packed: bool = False) -> dict[str, Any] | None:
@@ -153,23 +189,26 @@ def load_masks(folder: Path, packed: bool = False) -> dict[str, Any] | None:
 
     from seftc.prune.masks import PackedMask
 
-    path = Path(folder) / MASKS_NAME
-    if not path.is_file():
+    files = mask_files(folder)
+    if not files:
         return None
     out = {}
-    try:
-        with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-            for name in f.keys():
-                shape = json.loads(meta[name])
-                stored = f.get_tensor(name)
-                if packed:
-                    if not isinstance(shape, list) or stored.dtype != np.uint8 or stored.size != (math.prod(shape) + 7) // 8:
-                        raise ValueError(name)
-                    out[name] = PackedMask(torch.from_numpy(stored), tuple(shape))
-                    continue
-                bits = np.unpackbits(stored, bitorder="little", count=math.prod(shape))
-                out[name] = torch.from_numpy(bits.astype(bool)).reshape(shape)
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-        raise SeftcError(f"{path} is not a valid seftc mask file ({e.__class__.__name__})") from None
+    for path in files:
+        try:
+            with safe_open(str(path), "np") as f:
+                meta = f.metadata() or {}
+                for name in f.keys():
+                    if name in out:
+                        raise ValueError(f"{name} twice")
+                    shape = json.loads(meta[name])
+                    stored = f.get_tensor(name)
+                    if packed:
+                        if not isinstance(shape, list) or stored.dtype != np.uint8 or stored.size != (math.prod(shape) + 7) // 8:
+                            raise ValueError(name)
+                        out[name] = PackedMask(torch.from_numpy(stored), tuple(shape))
+                        continue
+                    bits = np.unpackbits(stored, bitorder="little", count=math.prod(shape))
+                    out[name] = torch.from_numpy(bits.astype(bool)).reshape(shape)
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+            raise SeftcError(f"{path} is not a valid seftc mask file ({e.__class__.__name__})") from None
     return out

@@ -253,7 +253,7 @@ def write_config(model, folder: Path) -> None:
 def save_model(model, tokenizer, out: Path, extra_files: dict[str, str] | None = None, masks: dict | None = None,
                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a folder that plain `AutoModelForCausalLM.from_pretrained` loads (+ the masks file),
-    its weights streamed into shards of at most `max_shard_size` bytes."""
+    its weights and its masks streamed into shards of at most `max_shard_size` bytes."""
     from seftc.formats.shards import ShardedWriter
 
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -271,5 +271,5 @@ def save_model(model, tokenizer, out: Path, extra_files: dict[str, str] | None =
         if masks:
             from seftc.models.manifest import save_masks
 
-            save_masks(tmp, masks)
+            save_masks(tmp, masks, shard_bytes)
     return Path(out)

@@ -289,7 +289,7 @@ def prune(
 
     with atomic_folder(Path(output)) as tmp:  # type: ignore[arg-type]
         with ShardedWriter(tmp, "model", shard_bytes) as weights:
-            mask_file = MaskWriter(tmp)
+            mask_file = MaskWriter(tmp, shard_bytes)
             try:
                 def write_block(i: int) -> None:
                     record(i)
