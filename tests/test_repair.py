@@ -353,6 +353,78 @@ def test_two_process_training_matches_single_process(pruned, tmp_path, method, e
     assert any(not torch.equal(a[k], load_file(src / "model.safetensors")[k]) for k in a)  # it trained
 
 
+
+_COUNT_BLOCKS = """
+import json, os, sys
+from seftc.models import streaming
+from seftc.models.targets import find_blocks
+from seftc.repair import distributed, onload
+from seftc.repair.api import repair
+
+blocks, seen, after = [], [], {}
+materialize, shard, build = streaming.StreamingModel.materialize, distributed.Dist.shard, onload.build_sharded
+
+def counted_materialize(self, keys, device="cpu"):
+    if not blocks:
+        blocks.extend(find_blocks(self.model)[1])
+    materialize(self, keys, device)
+    seen.append(onload.full_blocks(blocks))
+
+def counted_shard(self, unit):
+    seen.append(onload.full_blocks(blocks))
+    shard(self, unit)
+
+def counted_build(*a, **k):
+    out = build(*a, **k)
+    after["full"] = onload.full_blocks(blocks)
+    after["local"] = sum(distributed.local_part(p).flat.numel() for b in blocks for p in b.parameters())
+    after["whole"] = sum(p.numel() for b in blocks for p in b.parameters())
+    return out
+
+streaming.StreamingModel.materialize, distributed.Dist.shard, onload.build_sharded = counted_materialize, counted_shard, counted_build
+src, out, method = sys.argv[1:4]
+repair(src, output=out, fsdp=True, device="cpu", method=method, density=0.05, **{**%r, "steps": 8})
+with open(out + ".rank" + os.environ["RANK"] + ".json", "w") as f:
+    json.dump({"seen": seen, **after}, f)
+"""
+
+
+@pytest.mark.parametrize("method", ["seft", "masked-lora"])
+def test_fsdp_load_holds_one_whole_block_per_rank(tmp_path, method):
+    """Under --fsdp each rank builds its shard block by block from the checkpoint: at no point
+    does it hold more than two decoder blocks whole (counted at every read and every
+    fully_shard), none once loaded, about half of the blocks' parameters each; and the sharded
+    run ends with the masks and (to float tolerance) the weights of a single-process run.
+    Six layers and a tied LM head (read once, tied after the root is read)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config, tiny_tokenizer
+
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers, cfg.tie_word_embeddings = 6, True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "deep")
+    tiny_tokenizer().save_pretrained(tmp_path / "deep")
+    src = tmp_path / "pruned"
+    prune(str(tmp_path / "deep"), method="wanda", sparsity=0.7, calib={"source": TEXT, "nsamples": 4, "seqlen": 32}, output=src)
+    script = tmp_path / "count.py"
+    script.write_text(_COUNT_BLOCKS % (QUICK,))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dual = tmp_path / "dual"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(src),
+                        str(dual), method], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        counts = json.loads(Path(f"{dual}.rank{rank}.json").read_text())
+        assert counts["seen"] and 1 <= max(counts["seen"]) <= 2, counts
+        assert counts["full"] == 0 and abs(counts["local"] * 2 - counts["whole"]) < 0.01 * counts["whole"], counts  # ± a row
+    single = tmp_path / "single"
+    repair(str(src), output=single, device="cpu", method=method, density=0.05, **{**QUICK, "steps": 8})
+    assert [x.mask_sha256 for x in Manifest.load(dual).layers] == [x.mask_sha256 for x in Manifest.load(single).layers]
+    a, b = load_file(single / "model.safetensors"), load_file(dual / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert any(not torch.equal(a[k], load_file(src / "model.safetensors")[k]) for k in a)  # it trained
+
 _STOP_AND_RESUME = """
 import sys
 from seftc.repair.api import repair

@@ -15,21 +15,23 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from seftc import memory
 from seftc.data.calibration import CalibConfig
 from seftc.errors import SeftcError
 from seftc.eval.multiple_choice import max_length
 from seftc.formats.shards import DEFAULT_MAX_SHARD_SIZE
-from seftc.models.loading import LoadedModel, load_model, resolve_model
+from seftc.models.loading import LoadedModel, load_model, load_tokenizer, resolve_model
 from seftc.models.manifest import LayerRecord, Manifest, load_masks, tool_versions
 from seftc.models.saving import check_output, save_model, writes_outputs
-from seftc.models.targets import find_blocks, find_targets
+from seftc.models.streaming import NotStreamable, StreamingModel
+from seftc.models.targets import Target, find_blocks, find_targets
 from seftc.prune.masks import PackedMask, mask_checksum, nm_holds, parse_pattern
 from seftc.progress import NO_PROGRESS, ProgressSink
-from seftc.repair import checkpoint, distributed
+from seftc.repair import checkpoint, distributed, onload
 from seftc.repair.config import RepairConfig, make_repair_config
 from seftc.repair.data import TokenWindows
 from seftc.repair.importance import input_sq_norms
@@ -60,7 +62,10 @@ def lr_at(step: int, cfg: RepairConfig) -> float:
     return base * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * shape)
 
 
-def _pruned_state(loaded: LoadedModel, allow_dense: bool = False) -> tuple[Manifest, list, dict[str, torch.Tensor]]:
+def _pruned_state(loaded: LoadedModel, allow_dense: bool = False) -> tuple[Manifest, list[Target], Callable[[Target], PackedMask]]:
+    """The prune manifest, the targets it names, and `check(target)`: the target's mask (packed
+    bits), verified against the manifest's checksum and the weight, which must be real by then
+    (the FSDP2 loader checks each block's targets as it reads them)."""
     manifest = Manifest.load(loaded.ref.folder) if loaded.ref.kind in ("folder", "safetensors") else None
     if manifest is None:
         raise SeftcError(f"{loaded.ref.spec} has no seftc_manifest.json; repair needs a model written by `seftc prune`")
@@ -70,18 +75,33 @@ def _pruned_state(loaded: LoadedModel, allow_dense: bool = False) -> tuple[Manif
     targets = [t for t in find_targets(loaded.model, ["*"], []) if t.name in names]
     if len(targets) != len(names):
         raise SeftcError(f"{loaded.ref.spec}: the manifest names layers this model does not have")
-    saved = load_masks(loaded.ref.folder, packed=True)
-    masks = {}  # packed bits: 1/8 of a bool tensor per layer, for the whole run
+    saved = load_masks(loaded.ref.folder, packed=True)  # packed bits: 1/8 of a bool tensor per layer, for the whole run
     by_name = {rec.name: rec for rec in manifest.layers}
-    for t in targets:
+
+    def check(t: Target) -> PackedMask:
         w = t.module.weight.data
         packed = saved.get(t.name) if saved is not None else PackedMask.pack(w != 0)
         if packed is None or tuple(packed.shape) != tuple(w.shape) or mask_checksum(packed) != by_name[t.name].mask_sha256:
             raise SeftcError(f"{t.name}: the mask does not match the manifest's checksum; the model was changed after pruning")
         if bool((w[~packed.unpack()] != 0).any()):
             raise SeftcError(f"{t.name}: weights are non-zero outside the mask; the model was changed after pruning")
-        masks[t.name] = packed
-    return manifest, targets, masks
+        return packed
+
+    return manifest, targets, check
+
+
+def _open(model: str | os.PathLike | LoadedModel, ref, dist: distributed.Dist, trust_remote_code: bool) -> tuple[LoadedModel, StreamingModel | None]:
+    """The model: under FSDP2 a meta skeleton whose blocks onload.build_sharded reads one at a
+    time (a checkpoint that cannot be streamed, e.g. GGUF, is loaded whole); else loaded whole."""
+    if isinstance(model, LoadedModel):
+        return model, None
+    if dist.sharded and ref.kind in ("folder", "safetensors"):
+        try:
+            stream = StreamingModel(ref, trust_remote_code=trust_remote_code)
+            return LoadedModel(stream.model, load_tokenizer(ref.folder, trust_remote_code), ref), stream
+        except NotStreamable:
+            pass
+    return load_model(ref, trust_remote_code=trust_remote_code), None
 
 
 def _eval_loss(model, windows: torch.Tensor, batch: int, device: torch.device) -> float:
@@ -179,7 +199,7 @@ def repair(
     if ckpt is not None:
         checkpoint.check_paths(ckpt, (ref.path,), out)
         ckpts = checkpoint.Checkpoints.open(ckpt, resume=resume, writing=bool(cfg.checkpoint_every) and dist.is_main, force=force)
-    loaded = model if isinstance(model, LoadedModel) else load_model(ref, trust_remote_code=trust_remote_code)
+    loaded, stream = _open(model, ref, dist, trust_remote_code)
     if loaded.tokenizer is None:
         raise SeftcError(f"{loaded.ref.spec} has no tokenizer; repair needs one to read its training text")
     context = max_length(loaded.model, loaded.tokenizer)
@@ -187,23 +207,30 @@ def repair(
         cfg = cfg.model_copy(update={"seqlen": context})
     if cfg.batch_size % (dist.world * cfg.grad_accum):
         raise SeftcError(f"batch size {cfg.batch_size} must be divisible by ranks × grad_accum = {dist.world * cfg.grad_accum}")
-    source_manifest, targets, masks = _pruned_state(loaded, allow_dense)
-    if ckpts is not None and (resume or cfg.checkpoint_every):
-        input_masks = {rec.name: rec.mask_sha256 for rec in source_manifest.layers}
-        ckpts.bind(checkpoint.identity(input_masks, loaded.model, cfg.model_dump()))
+    source_manifest, targets, check = _pruned_state(loaded, allow_dense)
+    bind = ckpts is not None and (resume or cfg.checkpoint_every)
     pattern = parse_pattern(source_manifest.pattern)
     train = TokenWindows.from_source(loaded.tokenizer, cfg.data, cfg.seqlen, cfg.seed)
     held_out = TokenWindows.from_source(loaded.tokenizer, cfg.eval_data, cfg.seqlen, cfg.seed).fixed(cfg.eval_windows)
 
-    model_ = loaded.model.to(dist.device)
+    model_ = loaded.model if stream is not None else loaded.model.to(dist.device)
     model_.eval()
     if cfg.grad_checkpointing:
         model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     blocks = list(find_blocks(model_)[1])  # FSDP2's units (found before SEFT replaces their nn.Linear layers)
     method = make_method(cfg, pattern, dist.mean(), _reprune(source_manifest, loaded, cfg))
-    method.attach(model_, targets, masks)
     names = [t.name for t in targets]
+    if stream is None:
+        masks = {t.name: check(t) for t in targets}
+        digest = checkpoint.weights_digest(model_) if bind else None  # of the input, before the method changes it
+        method.attach(model_, targets, masks)
+    else:  # per rank: one block whole at a time, then its shard
+        masks, digests = onload.build_sharded(stream, dist, method, targets, check)
+        digest = checkpoint.weights_digest(digests) if bind else None
     del targets  # a replaced nn.Linear would keep its whole weight alive (past FSDP2's sharding)
+    if bind:
+        input_masks = {rec.name: rec.mask_sha256 for rec in source_manifest.layers}
+        ckpts.bind(checkpoint.identity(input_masks, digest, cfg.model_dump()))
     if cfg.grad_checkpointing:
         model_.enable_input_require_grads()
     engine = dist.wrap(model_, blocks)  # what training calls: model_, a DDP replica, or FSDP2-sharded
@@ -253,6 +280,7 @@ def repair(
             raise SeftcError(f"training diverged at step {step + 1}: {diverged}; lower --lr (now {lr:g}); nothing was saved")
         before = {k: evaluate(w) for k, w in damage_sets.items()} if damage_sets and method.has_pending() else None
         info = method.after_step(step)
+        memory.release()  # the step's activations and gathered blocks, freed: their pages back to the system
         history["train_loss"].append([step + 1, loss_value])
         history["lr"].append([step + 1, lr])
         damage = None
@@ -289,8 +317,10 @@ def repair(
     whole = dist.is_main or method.needs_whole_model  # the ranks that need the merged weights
     if dist.sharded:
         distributed.gather_full_model(model_, keep=whole)
+        memory.release()
     final_masks = method.finalize(model_, masks, whole=whole)
     del engine, params
+    memory.release()
     if cfg.grad_checkpointing and whole:
         model_.gradient_checkpointing_disable()
     ranks = dist.gather([mask_checksum(final_masks[n]) for n in names])

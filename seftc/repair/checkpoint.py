@@ -85,14 +85,21 @@ def default_dir(output: Path) -> Path:
     return output.with_name(output.name + SUFFIX)
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes (the input's identity)."""
+def tensor_digest(name: str, t: torch.Tensor) -> str:
+    """sha256 over one tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module | dict[str, str]) -> str:
+    """The input's identity: sha256 over the sorted per-tensor digests of every tensor of the
+    state dict (given as a model, or as the digests themselves, which a loader that never holds
+    the whole model computes block by block: the same value either way)."""
+    digests = model if isinstance(model, dict) else {name: tensor_digest(name, t) for name, t in model.state_dict().items()}
+    return hashlib.sha256("".join(f"{name}:{d}\n" for name, d in sorted(digests.items())).encode()).hexdigest()
 
 
 def code_version() -> dict[str, str]:
@@ -104,8 +111,9 @@ def code_version() -> dict[str, str]:
     return {"seftc": seftc.__version__, "torch": torch.__version__, "repair_source": source.hexdigest()[:16]}
 
 
-def identity(input_masks: dict[str, str], model: torch.nn.Module, config: dict[str, Any]) -> Identity:
-    return Identity(input_masks=input_masks, input_weights=weights_digest(model),
+def identity(input_masks: dict[str, str], input_weights: str, config: dict[str, Any]) -> Identity:
+    """`input_weights`: the input's `weights_digest`."""
+    return Identity(input_masks=input_masks, input_weights=input_weights,
                     config={k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}, code=code_version())
 
 

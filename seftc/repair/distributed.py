@@ -29,6 +29,7 @@ class Dist:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fsdp: bool = False
     stats_group: Any = None  # SEFT's statistics reductions, apart from DDP's/FSDP's collectives
+    mesh: Any = None  # FSDP2's device mesh, made at the first `shard`
 
     @property
     def enabled(self) -> bool:
@@ -55,6 +56,19 @@ class Dist:
 
         return reduce
 
+    def shard(self, unit: nn.Module) -> None:
+        """FSDP2's `fully_shard` of one unit over all the ranks (once: a unit already sharded,
+        e.g. by the block-by-block loader, is left as it is)."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(unit, FSDPModule):
+            return
+        if self.mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (self.world,))
+        fully_shard(unit, mesh=self.mesh)
+
     def wrap(self, model: nn.Module, units: list[nn.Module]) -> nn.Module:
         """The module the training loop calls: `model` itself on one process; under torchrun a DDP
         replica, or with --fsdp the model after `fully_shard` of each unit (decoder block) and of
@@ -62,13 +76,9 @@ class Dist:
         if not self.enabled:
             return model
         if self.fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh(self.device.type, (self.world,))
             for unit in units:
-                fully_shard(unit, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+                self.shard(unit)
+            self.shard(model)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -180,14 +190,25 @@ def gather_full_model(model: nn.Module, keep: bool) -> None:
     for module in model.modules():  # every group back to its shards (the root stays gathered after a forward), so
         if isinstance(module, FSDPModule):  # FSDP2's state-dict hook finds nothing to reshard over the whole tensors
             module.reshard()
+    seen: set[int] = set()
+    shared: set[int] = set()  # a parameter of two modules (a tied LM head) stays one parameter
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            (shared if id(p) in seen else seen).add(id(p))
+    done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # (the sharded one is kept: its id cannot be reused meanwhile)
     for module in list(model.modules()):
         for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) in done:
+                module._parameters[name] = done[id(p)][1]
+                continue
             if not is_sharded(p):
                 continue
             whole = p.full_tensor().detach()
             new = whole if keep else torch.empty(0, dtype=whole.dtype, device=whole.device)
             del whole
             module._parameters[name] = nn.Parameter(new, requires_grad=False)
+            if id(p) in shared:
+                done[id(p)] = (p, module._parameters[name])
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -1,6 +1,8 @@
 """Repair methods, all driven by one training loop (`seftc.repair.trainer`).
 
-Each method attaches its trainable state to the model (`attach`), makes its optimizer once the
+Each method attaches its trainable state to the model (`attach`: `freeze`, then `attach_part` for
+the targets of one decoder block after another, then `attach_end`; the FSDP2 loader (onload.py)
+calls the parts itself, sharding each block in between), makes its optimizer once the
 engine (distributed.py: DDP or FSDP2) has wrapped the model (`start`), steps it, and finally
 leaves a plain model (every target an `nn.Linear`) behind (`finalize`, after the whole weights
 are gathered from FSDP2 shards where they are needed):
@@ -20,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seftc.models.targets import Target
+from seftc.models.targets import Target, find_blocks
 from seftc.prune.masks import PackedMask, Pattern
 from seftc.repair.config import RepairConfig
 from seftc.repair.distributed import full_tensor, load_local
@@ -36,20 +38,40 @@ def _freeze_all(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-class SeftMethod:
+class _Attach:
+    """`attach` in parts: the same random draws, in the same order, whether the targets come all
+    at once or one decoder block at a time (each part's trainable tensors marked before the
+    engine shards that block)."""
+
+    def attach(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
+        self.freeze(model)
+        self.attach_part(model, targets, masks)
+        self.attach_end(model)
+
+    def freeze(self, model: nn.Module) -> None:
+        """Everything frozen (on a meta skeleton too: materialized tensors keep the flag)."""
+        _freeze_all(model)
+
+    def attach_part(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def attach_end(self, model: nn.Module) -> None:
+        pass
+
+
+class SeftMethod(_Attach):
     needs_whole_model = False  # the final masks are the replicated active sets
 
     def __init__(self, cfg: RepairConfig, pattern: Pattern, reduce: Callable | None, regrow: bool = True):
         self.cfg, self.pattern, self.reduce, self.regrow = cfg, pattern, reduce, regrow
         self.controller = None
+        self._gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the random initial slots, drawn target by target
+        self._layers: dict[str, Any] = {}
 
-    def attach(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
+    def attach_part(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
         from seftc.repair.layer import SeftLinear
-        from seftc.repair.seft import SeftController, SeftOptions
 
-        _freeze_all(model)
-        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        layers = {}
+        gen, layers = self._gen, self._layers
         for t in targets:
             active = masks[t.name].to(t.module.weight.device).unpack().reshape(-1)  # transient: the layer keeps it packed
             k = min(int(math.ceil(self.cfg.density * active.numel())), int(active.sum()))
@@ -62,6 +84,11 @@ class SeftMethod:
             layer._seft_name = t.name
             _set_module(model, t.name, layer)
             layers[t.name] = layer
+
+    def attach_end(self, model: nn.Module) -> None:
+        from seftc.repair.seft import SeftController, SeftOptions
+
+        layers = self._layers
         fields = set(SeftOptions.__dataclass_fields__) - {"regrow"}
         options = SeftOptions(regrow=self.regrow, **{f: getattr(self.cfg, f) for f in fields})
         # δ's decay: AdamW's weight decay plus the L2-SP pull toward the base (delta_decay)
@@ -121,7 +148,7 @@ class SeftMethod:
         return {"stats": self.controller.stats(), "update_index": self.controller.update_index}
 
 
-class _TorchOptimMethod:
+class _TorchOptimMethod(_Attach):
     """Shared plumbing for methods trained by a stock torch AdamW."""
 
     def __init__(self, cfg: RepairConfig, pattern: Pattern, reduce: Callable | None):
@@ -194,21 +221,24 @@ class StaticMethod(_TorchOptimMethod):
     moments) is one fp32 value per active weight, and the mask holds by construction."""
 
     def attach(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
+        super().attach(model, targets, masks)
+        with torch.no_grad():  # the other weights out of the checkpoint's memory map, so the map and the dense targets' pages go
+            for p in model.parameters():  # (the FSDP2 loader reads tensors into fresh memory: no map to leave)
+                if p.device.type == "cpu":
+                    p.data = p.data.clone()
+
+    def attach_part(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
         from seftc.repair.layer import ActiveValuesLinear
 
-        _freeze_all(model)
-        self.masks = {t.name: masks[t.name].to(t.module.weight.device) for t in targets}
-        self.layers = {}
+        self.masks = getattr(self, "masks", {})
+        self.layers = getattr(self, "layers", {})
         for t in targets:
+            self.masks[t.name] = masks[t.name].to(t.module.weight.device)
             dtype = torch.float32 if self.cfg.static_precision == "fp32" else t.module.weight.dtype
             layer = ActiveValuesLinear(t.module, self.masks[t.name], dtype)
             _set_module(model, t.name, layer)
             t.module.weight = nn.Parameter(t.module.weight.data.new_empty(0), requires_grad=False)  # the dense base, freed now
             self.layers[t.name] = layer
-        with torch.no_grad():  # the other weights out of the checkpoint's memory map, so the map and the dense targets' pages go
-            for p in model.parameters():
-                if p.device.type == "cpu":
-                    p.data = p.data.clone()
 
     def _trainable(self) -> list[torch.Tensor]:
         return [layer.values for layer in self.layers.values()]
@@ -228,21 +258,34 @@ class LoraMethod(_TorchOptimMethod):
         super().__init__(cfg, pattern, reduce)
         self.mode, self.reprune = mode, reprune
 
-    def attach(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
+    def freeze(self, model: nn.Module) -> None:
+        super().freeze(model)
+        torch.manual_seed(self.cfg.seed)  # LoRA's A matrices are drawn from the global generator, block after block
+        self.lora_layers = {}
+        self.model = model
+        self._stack = find_blocks(model)[0]  # found now: FSDP2 changes the class of each block it shards
+
+    def attach_part(self, model: nn.Module, targets: list[Target], masks: dict[str, torch.Tensor]) -> None:
+        """peft's LoRA injected into each target's decoder block in turn (the names relative to it)."""
         from peft import LoraConfig, inject_adapter_in_model
 
-        _freeze_all(model)
-        config = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0, bias="none",
-                            target_modules=[t.name for t in targets])
-        torch.manual_seed(self.cfg.seed)
-        inject_adapter_in_model(config, model)
-        self.lora_layers = {t.name: model.get_submodule(t.name) for t in targets}
-        if self.mode == "masked":
-            for name, layer in self.lora_layers.items():
-                layer.forward = types.MethodType(_masked_lora_forward(masks[name].to(layer.get_base_layer().weight.device)), layer)
-        self.model = model
-        for p in self._trainable():
-            p.requires_grad_(True)
+        stack = self._stack
+        by_block: dict[int, list[Target]] = {}
+        for t in targets:
+            by_block.setdefault(t.block, []).append(t)
+        for i, group in by_block.items():
+            scope = f"{stack}.{i}"
+            config = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                                target_modules=[t.name[len(scope) + 1:] for t in group])
+            inject_adapter_in_model(config, model.get_submodule(scope))
+            for t in group:
+                layer = model.get_submodule(t.name)
+                self.lora_layers[t.name] = layer
+                if self.mode == "masked":
+                    layer.forward = types.MethodType(_masked_lora_forward(masks[t.name].to(layer.get_base_layer().weight.device)), layer)
+                for n, p in layer.named_parameters():
+                    if "lora_" in n:
+                        p.requires_grad_(True)
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for n, p in self.model.named_parameters() if "lora_" in n]

@@ -169,6 +169,7 @@ class SeftController:
     def start(self) -> None:
         """(Re)make the slot optimizer over each layer's δ as the model holds it now: repair calls it
         again once the engine has wrapped the model (under FSDP2, δ is then a shard)."""
+        self.optimizer = None  # the old moments freed before the new ones are made
         self.optimizer = SlotAdamW([l.delta for l in self.layers.values()], lr=self.lr, weight_decay=self.weight_decay)
 
     # -- schedule -------------------------------------------------------------------------------
