@@ -228,6 +228,14 @@ def test_plan_cli_json_adds_up_from_the_config(tiny_dir):
                                                                      "--method", "static").output)["plans"]}
     assert fsdp[("repair", "static")]["per_rank"] and ("prune", "wanda") not in fsdp
     assert fsdp[("repair", "static")]["terms"]["optimizer state"] * 2 == plans[("repair", "static")]["terms"]["optimizer state"]
+    # each rank reads one block at a time and keeps its shard of the weights (repair/onload.py), not the whole model
+    assert 0 < fsdp[("repair", "static")]["held"]["weights (this rank's shard)"] <= shape["params"] * shape["dtype_bytes"] // 2
+    assert "weights" not in fsdp[("repair", "static")]["terms"]
+    # prune's peak: what it holds throughout plus the largest of its phases (tokenizing the calibration text, one block, the head)
+    wanda = plans[("prune", "wanda")]
+    assert set(wanda["phases"]) >= {"tokenizing the calibration text", "pruning a block"}
+    assert wanda["total"] == sum(wanda["held"].values()) + max(sum(ph.values()) for ph in wanda["phases"].values())
+    assert wanda["terms"] == {**wanda["held"], **wanda["phases"][wanda["peak_phase"]]}
     r = _run("plan", str(tiny_dir), "--method", "nope", ok=False)
     assert r.exit_code == 2 and "unknown method" in r.output
 
@@ -304,7 +312,7 @@ def test_plan_is_near_the_measured_peak_of_a_streamed_prune(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     peak = int(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("PEAK")))
     plan = {(p["command"], p["method"]): p for p in json.loads(_run("plan", str(tmp_path / "m"), "--json", "--nsamples", "8",
-                                                                    "--seqlen", "128").output)["plans"]}
+                                                                    "--seqlen", "128", "--calib", str(TEXT)).output)["plans"]}
     assert 0.6 < peak / plan[("prune", "wanda")]["total"] < 1.5, (peak, plan[("prune", "wanda")])
 
 
@@ -457,3 +465,22 @@ def test_a_sharded_side_file_is_copied_whole_or_not_at_all(tmp_path):
     left_out = copy_side_files(src, dst, set())
     assert sorted(p.name for p in dst.iterdir()) == ["notes.txt"]
     assert set(left_out) == {"seftc_masks-00001-of-00002.st", "seftc_masks-00002-of-00002.st", "seftc_masks.st.index.json"}
+
+
+def test_plan_phases_do_not_add_up():
+    """Prune tokenizes its whole calibration text before the first block is read, and writes an
+    untied LM head after the last block is freed: the plan adds the largest of those moments, not
+    all of them; the tokenizing phase grows with the text (336 bytes per token, measured)."""
+    from seftc.plan import TOKENIZE_BYTES_PER_TOKEN, plan_prune, shape_of
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    with init_empty_weights():
+        s = shape_of(AutoModelForCausalLM.from_config(cfg))
+    assert s.head_params == cfg.vocab_size * cfg.hidden_size  # untied
+    small, big = (plan_prune(s, "wanda", nsamples=8, seqlen=32, calib_tokens=n) for n in (1000, 10**6))
+    assert small.peak_phase == "pruning a block" and big.peak_phase == "tokenizing the calibration text"
+    assert big.total == sum(big.terms.values()) + 10**6 * TOKENIZE_BYTES_PER_TOKEN
+    assert "weights (LM head)" in big.phases["writing the LM head"] and "weights (LM head)" not in big.peak_terms()
+    assert plan_prune(s, "magnitude", nsamples=8, seqlen=32, calib_tokens=10**6).peak_phase == "pruning a block"  # no calibration

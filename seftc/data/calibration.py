@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from seftc.config_types import Count, SeqLen, Seed
 
+from seftc import memory
 from seftc.data.corpus import DEFAULT_CALIB, load_text
 from seftc.errors import SeftcError
 
@@ -40,12 +41,15 @@ def calibration_samples(tokenizer: Any, cfg: CalibConfig, max_positions: int | N
     gen = torch.Generator().manual_seed(cfg.seed)
     starts = torch.randint(0, ids.numel() - seqlen, (cfg.nsamples,), generator=gen)
     samples = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    source_tokens = int(ids.numel())
+    del ids
+    memory.release()  # the tokenizer's encodings of the whole text, freed: their pages back to the system
     record = {
         "source": source.name,
         "nsamples": cfg.nsamples,
         "seqlen": seqlen,
         "seed": cfg.seed,
-        "source_tokens": int(ids.numel()),
+        "source_tokens": source_tokens,
         "tokens": int(samples.numel()),
         "sample_sha256": hashlib.sha256(samples.numpy().tobytes()).hexdigest(),
     }

@@ -205,11 +205,13 @@ def prune(
     def fits(streamed: bool) -> None:
         if max_memory is None or isinstance(model, LoadedModel):
             return
-        from seftc.plan import check_fits, model_shape, plan_prune
+        from seftc.plan import calibration_tokens, check_fits, model_shape, plan_prune
 
         shape, kind = model_shape(model, dtype, trust_remote_code)
+        calibrates = PRUNERS[cfg.method].needs_calibration or cfg.owl
         check_fits(plan_prune(shape, cfg.method, nsamples=cfg.calib.nsamples, seqlen=cfg.calib.seqlen, batch_size=cfg.batch_size,
-                              sparsity=cfg.target_sparsity, nm=cfg.parsed_pattern.is_nm, streamed=streamed, gguf=kind == "gguf"),
+                              sparsity=cfg.target_sparsity, nm=cfg.parsed_pattern.is_nm, streamed=streamed, gguf=kind == "gguf",
+                              calib_tokens=calibration_tokens(model, cfg.calib.source, trust_remote_code) if calibrates else None),
                    max_memory)
 
     loaded, streaming = _open_model(model, output, force, stream, dtype, trust_remote_code, allow_pickle, fits)
