@@ -19,7 +19,8 @@ Protocol (written into results/scale.md and results/scale.json):
   (bf16 base; the SEFT slots and static's fp32 variant with fp32 optimizer state).
 - each measured row is kept in BENCH_DIR/rows.json with the seftc commit that measured it (shown in
   the table) and reused by later runs with the same settings, so a long benchmark can be completed in
-  parts; BENCH_REMEASURE=1 measures every row again. `plan` is always computed by the current code.
+  parts; BENCH_REMEASURE=1 measures every row again, BENCH_ONLY_CACHED=1 writes the table from the
+  measured rows alone (the rows still missing are left out). `plan` is always computed by the current code.
 Disk: about 3 × 13.5 GB for the 7 B shape (model, pruned, packed); BENCH_CLEAN (comma list of shapes)
 deletes those shapes' folders once their rows are measured. BENCH_SHAPES (comma list of
 0.5b,1.1b,3b,7b or tiny), BENCH_DIR and BENCH_SHARD override the defaults.
@@ -170,13 +171,17 @@ def measured_by() -> str:
 class RowCache:
     """Measured rows by their settings, in BENCH_DIR/rows.json (written after every row)."""
 
-    def __init__(self, path: Path, remeasure: bool):
+    def __init__(self, path: Path, remeasure: bool, only_cached: bool = False):
         self.path = path
+        self.only_cached = only_cached
         self.rows = {} if remeasure or not path.is_file() else json.loads(path.read_text())
 
-    def get(self, key: dict, measure) -> dict:
+    def get(self, key: dict, measure) -> dict | None:
+        """The row measured with `key`'s settings; measured now if missing (None with only_cached)."""
         k = json.dumps(key, sort_keys=True)
         if k not in self.rows:
+            if self.only_cached:
+                return None
             self.rows[k] = {**key, **measure(), "commit": measured_by(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.rows, indent=1) + "\n")
@@ -193,7 +198,7 @@ def main() -> None:
     repair_data = os.environ.get("BENCH_REPAIR_DATA", REPAIR_DATA)
     clean = set(filter(None, os.environ.get("BENCH_CLEAN", "").split(",")))
     work.mkdir(parents=True, exist_ok=True)
-    cache = RowCache(work / "rows.json", os.environ.get("BENCH_REMEASURE") == "1")
+    cache = RowCache(work / "rows.json", os.environ.get("BENCH_REMEASURE") == "1", os.environ.get("BENCH_ONLY_CACHED") == "1")
     settings = {"nsamples": NSAMPLES, "seqlen": SEQLEN, "shard": shard, "calib": calib}
     rows = []
     for shape in shapes:
@@ -210,7 +215,7 @@ def main() -> None:
                         "checkpoint_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors"))}
 
             rows.append(cache.get({"shape": shape, "command": "prune", "method": method, **settings}, prune_row))
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1]), flush=True) if rows[-1] else rows.pop()
         if shape in ("7b", "tiny"):
             def pack_row():
                 if not (work / f"pruned-{shape}-wanda" / "config.json").is_file():
@@ -221,7 +226,7 @@ def main() -> None:
                         "packed_bytes": json.loads(run["stdout"])["file_bytes"]}
 
             rows.append(cache.get({"shape": shape, "command": "pack", "method": None, **settings}, pack_row))
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1]), flush=True) if rows[-1] else rows.pop()
         for label, options, ranks in REPAIR_RUNS if shape in REPAIR_SHAPES else ():
             def repair_row(options=options, ranks=ranks):
                 pruned = work / f"pruned-{shape}-wanda"
@@ -238,11 +243,15 @@ def main() -> None:
             key = {"shape": shape, "command": "repair", "method": label, "ranks": ranks, "steps": REPAIR_STEPS, "batch_per_rank": REPAIR_BATCH,
                    "repair_seqlen": REPAIR_SEQLEN, "data": repair_data, "shard": shard}
             rows.append(cache.get(key, repair_row))
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1]), flush=True) if rows[-1] else rows.pop()
         if shape in clean:
             for folder in work.glob(f"*-{shape}*"):
                 shutil.rmtree(folder, ignore_errors=True)
+    from seftc.data.calibration import tokenize_text
+    from seftc.data.corpus import load_text
     from seftc.plan import SEFT_SLOT_BYTES, plan_pack, plan_prune, shape_of
+
+    calib_tokens = int(tokenize_text(byte_tokenizer(), load_text(calib).text).numel())  # prune tokenizes the whole text once
 
     for r in rows:  # the plan of the current code, from the shape alone
         cfg = shape_of(llama_model(r["shape"]))
@@ -251,7 +260,8 @@ def main() -> None:
             r["slot_bytes"] = SEFT_SLOT_BYTES if r["method"] == "seft" else None
             r["base_bytes"] = cfg.params * cfg.dtype_bytes
         else:
-            r["plan"] = (plan_pack(cfg) if r["command"] == "pack" else plan_prune(cfg, r["method"], nsamples=NSAMPLES, seqlen=SEQLEN)).total
+            r["plan"] = (plan_pack(cfg) if r["command"] == "pack" else plan_prune(cfg, r["method"], nsamples=NSAMPLES, seqlen=SEQLEN,
+                                                                                              calib_tokens=calib_tokens)).total
     projection = seven_b_projection()
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "scale.json").write_text(json.dumps({**settings, "rows": rows, "projection_7b": projection}, indent=2) + "\n")
@@ -301,7 +311,7 @@ def seven_b_projection() -> list[dict]:
     for label, ranks in [(label, ranks) for label, _, ranks in REPAIR_RUNS] + [("lora-merge", 1)]:
         p = repair_plan(shape, label, ranks, PROJECTION_SEQLEN)
         out.append({"method": label, "ranks": ranks, "total": p.total,
-                    "terms": ", ".join(f"{k} {format_size(v)}" for k, v in p.terms.items() if v)})
+                    "terms": ", ".join(f"{k} {format_size(v)}" for k, v in p.peak_terms().items() if v)})
     return out
 
 
