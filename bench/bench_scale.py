@@ -253,8 +253,9 @@ def main() -> None:
 
     calib_tokens = int(tokenize_text(byte_tokenizer(), load_text(calib).text).numel())  # prune tokenizes the whole text once
 
+    shapes_of = {name: shape_of(llama_model(name)) for name in {r["shape"] for r in rows}}  # one meta build per shape
     for r in rows:  # the plan of the current code, from the shape alone
-        cfg = shape_of(llama_model(r["shape"]))
+        cfg = shapes_of[r["shape"]]
         if r["command"] == "repair":
             r["plan"] = repair_plan(cfg, r["method"], r["ranks"], r["repair_seqlen"]).total
             r["slot_bytes"] = SEFT_SLOT_BYTES if r["method"] == "seft" else None
