@@ -50,11 +50,15 @@ bench-repair: install
 # 3 seeds each, Wanda 70% and 2:4, with the settings tuned on shakespeare:valid
 # (results/repair-tuning.md), eviction damage logged per update; ~9 h on 2 cores.
 SEFT_140 = "lr": 0.002, "density": 0.1, "init": "gradient", "update_interval": 10
+# SEFT v2 as validated (results/repair-val40.md, variant fcp): Fisher/OBD eviction, per-row and per-update
+# caps, the pull of δ toward the pruned base, no reactivation in the last quarter.
+SEFT_V2 = $(SEFT_140), "reactivation": "gain", "evict_score": "fisher", "row_cap": 0.02, "reactivation_cap": 0.005, \
+	"delta_decay": 2.0, "reactivation_stop": 0.75
 bench-repair-140: install
 	BENCH_STEPS=140 BENCH_PATTERNS=0.7,2:4 BENCH_METHODS=seft,static,seft-noregrow BENCH_SEEDS=0,1,2 BENCH_DENSE_REF=0 \
 	BENCH_TASKS=piqa,arc_easy BENCH_LIMIT=200 BENCH_PPL_WINDOWS=16 BENCH_JOBS=2 BENCH_NAME=repair-140 \
 	BENCH_DIR=runs/bench-repair-140 \
-	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_140), "reactivation": "gain"}, "seft-noregrow": {$(SEFT_140)}}' \
+	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_V2)}, "seft-noregrow": {$(SEFT_140)}}' \
 	$(BIN)/python bench/bench_repair.py
 
 # The paper's setting: repair on the commonsense instruction mix (commonsense:train), Wanda 50% and
@@ -66,7 +70,7 @@ bench-repair-commonsense: install
 	BENCH_STEPS=140 BENCH_PATTERNS=0.5,0.7 BENCH_METHODS=seft,static,masked-lora,lora-merge BENCH_SEEDS=0 BENCH_DENSE_REF=0 \
 	BENCH_TASKS=boolq,piqa,siqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa BENCH_LIMIT=0 BENCH_PPL_WINDOWS=16 \
 	BENCH_JOBS=2 BENCH_NAME=repair-commonsense BENCH_DIR=runs/bench-repair-commonsense \
-	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_140), "reactivation": "gain"}}' \
+	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_V2)}}' \
 	$(BIN)/python bench/bench_repair.py
 
 # One SEFT topology update replayed under each eviction score (issue 16's audit): SmolLM2 at Wanda
