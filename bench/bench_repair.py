@@ -137,21 +137,41 @@ def worker(src: str, method: str, seed: int, out: str) -> dict:
     return row
 
 
+def _inputs(key: str, args: list[str]) -> dict:
+    """What one row's measurement depends on besides the code; kept in its cached file and compared on reuse."""
+    inputs = {"key": key, "model": MODEL, "calib": CALIB, "ppl": [PPL_SOURCES, PPL_WINDOWS, PPL_SEQLEN], "tasks": [TASKS, LIMIT]}
+    if args[0] == "--worker":
+        inputs.update(options=SETTINGS.get(args[2], {}), steps=STEPS, data=DATA, seqlen=SEQLEN,
+                      damage=[DAMAGE_WINDOWS, EVAL_DATA, OOD_DATA] if DAMAGE_WINDOWS else None)
+    return json.loads(json.dumps(inputs))  # as read back from the file (lists, not tuples)
+
+
 def _spawn(args: list[str], key: str) -> dict:
-    """Run one measurement in its own process; its row is kept in WORK/rows/KEY.json so an
-    interrupted benchmark resumes where it stopped (delete the file to rerun that row)."""
+    """Run one measurement in its own process; its row is kept in WORK/rows/KEY.json with the inputs it was
+    measured with, so an interrupted benchmark resumes where it stopped, across sessions (delete the file to rerun
+    that row). A cached row measured with other inputs stops the benchmark rather than be shown as this one."""
     cached = WORK / "rows" / f"{key}.json"
+    inputs = _inputs(key, args)
     if cached.is_file():
-        return json.loads(cached.read_text())
+        row = json.loads(cached.read_text())
+        if "inputs" not in row:  # rows written before the inputs were kept
+            print(f"[bench-repair] {key}: cached row without its inputs, reused as is", file=sys.stderr, flush=True)
+        elif row["inputs"] != inputs:
+            diff = sorted(k for k in inputs.keys() | row["inputs"].keys() if inputs.get(k) != row["inputs"].get(k))
+            raise SystemExit(f"bench-repair: {cached} was measured with other {', '.join(diff)}; delete it to measure again "
+                             "or set another BENCH_DIR")
+        return row
     if RENDER_ONLY:
         return {}
     env = dict(os.environ)
     if JOBS > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // JOBS))
     out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    row = {**json.loads(out.strip().splitlines()[-1]), "inputs": inputs}
     cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(row))
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row))
+    tmp.replace(cached)
     print(f"[bench-repair] {key} {json.dumps(row)}", file=sys.stderr, flush=True)
     return row
 

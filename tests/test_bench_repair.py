@@ -86,3 +86,14 @@ def test_bench_repair_commonsense_on_tiny_settings(tiny_dir, tmp_path, full):
     assert len(seft["update_damage"]) == 1 and "out_before" in seft["update_damage"][0]
     table = (tmp_path / "results" / "repair-commonsense.md").read_text()
     assert "mean acc" in table and "commonsense:train" in table and "±" in table
+    if full:
+        return
+    # rows are cached with their inputs: the same settings measure nothing again, other settings stop the benchmark
+    bench = [sys.executable, str(ROOT / "bench" / "bench_repair.py")]
+    again = subprocess.run(bench, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "[bench-repair]" not in again.stderr, again.stderr[-2000:]
+    assert json.loads((tmp_path / "results" / "repair-commonsense.json").read_text())["patterns"] == results["patterns"]
+    other = {**run_env, "BENCH_SETTINGS": json.dumps({"seft": {"update_interval": 2, "accumulation": 1, "density": 0.1}})}
+    changed = subprocess.run(bench, cwd=ROOT, env=other, capture_output=True, text=True, timeout=300)
+    assert changed.returncode != 0 and "pruned-0.7-seft-s0.json was measured with other options" in changed.stderr
+    assert "Traceback" not in changed.stderr
