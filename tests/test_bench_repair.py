@@ -97,3 +97,32 @@ def test_bench_repair_commonsense_on_tiny_settings(tiny_dir, tmp_path, full):
     changed = subprocess.run(bench, cwd=ROOT, env=other, capture_output=True, text=True, timeout=300)
     assert changed.returncode != 0 and "pruned-0.7-seft-s0.json was measured with other options" in changed.stderr
     assert "Traceback" not in changed.stderr
+
+
+def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
+    """`make bench-repair-curve` on a tiny model and the tiny random shape: each point's quality (bench_repair.py
+    with bench-repair-140's settings, ρ or rank changed) and memory (2 steps, own process), the Pareto marks, the plot."""
+    curve = _module("bench_repair_curve")
+    pts = curve.points(json.loads(_make_env("bench-repair-140")["BENCH_SETTINGS"]))
+    assert [p["label"] for p in pts if p["method"] == "seft"] == [f"seft ρ={r:g}" for r in curve.DENSITIES]
+    assert {p["name"] for p in pts} >= {"seft", "static"}  # bench-repair-140's own rows at its ρ
+    assert all(p["options"]["evict_score"] == "fisher" for p in pts if p["method"] == "seft")
+    assert curve.pareto({"a": (1.0, 5.0), "b": (2.0, 4.0), "c": (2.0, 6.0), "d": (1.0, 5.0)}) == {"a", "b", "d"}
+    env = {**os.environ, "BENCH_MODEL": str(tiny_dir), "BENCH_STEPS": "2", "BENCH_SEQLEN": "32", "BENCH_CALIB": TEXT, "BENCH_CALIB_N": "4",
+           "BENCH_CALIB_SEQLEN": "32", "BENCH_PPL_WINDOWS": "1", "BENCH_PPL_SEQLEN": "32", "BENCH_TASKS": "", "BENCH_JOBS": "1",
+           "BENCH_DAMAGE_WINDOWS": "0", "BENCH_DIR": str(tmp_path / "work"), "BENCH_RESULTS_DIR": str(tmp_path / "results"),
+           "BENCH_DENSITIES": "0.05,0.1", "BENCH_RANKS": "4", "BENCH_SHAPE": "tiny", "BENCH_SCALE_DIR": str(tmp_path / "scale"),
+           "BENCH_NSAMPLES": "2", "BENCH_REPAIR_DATA": TEXT, "BENCH_REPAIR_SEQLEN": "32", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_repair_curve.py")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "results" / "repair-curve.json").read_text())
+    labels = [p["label"] for p in out["points"]]
+    assert labels == ["seft ρ=0.05", "seft ρ=0.1", "masked-lora r=4", "lora-merge r=4", "static"]
+    for p in out["points"]:
+        assert p["ppl_in"] > 0 and p["peak_gib"] > 0 and p["plan_7b"] > 0 and p["front_ppl_in"] in (True, False)
+    assert any(p["front_ppl_out"] for p in out["points"])
+    seft = [p for p in out["points"] if p["method"] == "seft"]
+    assert seft[0]["trainable"] < seft[1]["trainable"] and seft[0]["plan_7b"] < seft[1]["plan_7b"]
+    text = (tmp_path / "results" / "repair-curve.md").read_text()
+    assert "Pareto front" in text and "Not yet measured" not in text and (tmp_path / "results" / "repair-curve.png").is_file()

@@ -82,7 +82,7 @@ def test_paying_prefix_margin():
 
 
 # -- a controller on one layer, driven by a toy loss -----------------------------------------------
-def _drive(options: SeftOptions, steps=16, pattern=Pattern(0, 0), dtype=torch.float32, out=32, inp=32, seed=0):
+def _drive(options: SeftOptions, steps=16, pattern=Pattern(0, 0), dtype=torch.float32, out=32, inp=32, seed=0, total=None):
     """Train one SeftLinear for `steps` on a regression target; returns (layer, controller, log),
     log[u] = the pending decisions of update u and the active mask before it."""
     torch.manual_seed(seed)
@@ -98,7 +98,7 @@ def _drive(options: SeftOptions, steps=16, pattern=Pattern(0, 0), dtype=torch.fl
     where = mask.reshape(-1).nonzero().flatten()
     layer = SeftLinear(base, mask, k, where[torch.randperm(where.numel())[:k]], defer=options.delta_decay > 0)
     layer._seft_name = "l"
-    ctl = SeftController({"l": layer}, options, pattern, steps, lr=1e-2, weight_decay=options.delta_decay)
+    ctl = SeftController({"l": layer}, options, pattern, total or steps, lr=1e-2, weight_decay=options.delta_decay)
     target = torch.nn.Linear(inp, out, bias=False)
     log = []
     for step in range(steps):
@@ -305,3 +305,26 @@ def test_bf16_model_repairs_end_to_end(tmp_path):
         assert w.dtype == torch.bfloat16 and int(torch.count_nonzero(w)) == int(torch.count_nonzero(before[rec.name + ".weight"]))
     assert sum(s["regrown"] for s in m.layer_stats.values()) > 0
     assert r.history["eval_loss"][-1][1] < r.history["eval_loss"][0][1]
+
+
+@pytest.mark.parametrize("score", ["fisher", "window"])
+def test_window_statistics_kept_per_active_position(score):
+    """The window's eviction statistics hold one value per active position (not one per weight), and
+    they are what the dense statistics would be there: Σ g² (fisher) of the gradients seen."""
+    opts = SeftOptions(density=0.1, update_interval=4, accumulation=3, reactivation="always", evict_score=score)
+    layer, ctl, _ = _drive(opts, steps=2, total=16)  # step 1 of the first window (steps 1..3, the update after 3) is in
+    st = ctl.state["l"]
+    kept = st.win_sq if score == "fisher" else st.win_abs
+    assert kept.numel() == layer.target == int(layer.active.sum()) and st.win_n == 1
+    assert (st.win_abs if score == "fisher" else st.win_sq) is None
+    grads, seen = [], layer.observer  # one more step by hand, recording the dense gradient the controller sees
+    layer.observer = lambda lyr, g: grads.append(g.clone()) or seen(lyr, g)
+    before = kept.float().clone()
+    ctl.step, ctl.n_micro, ctl.micro = 2, 1, 0
+    x = torch.randn(16, layer.in_features)
+    layer(x).square().mean().backward()
+    a = layer.active
+    expected = grads[0].reshape(-1)[a].float().square() if score == "fisher" else \
+        (layer.effective_weight().reshape(-1)[a].float().abs() * grads[0].reshape(-1)[a].float().abs())
+    added = (st.win_sq if score == "fisher" else st.win_abs).float() - before
+    assert st.win_n == 2 and bool((added - expected).abs().le(2**-7 * (before.abs() + expected.abs()) + 1e-12).all())

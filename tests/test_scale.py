@@ -484,3 +484,15 @@ def test_plan_phases_do_not_add_up():
     assert big.total == sum(big.terms.values()) + 10**6 * TOKENIZE_BYTES_PER_TOKEN
     assert "weights (LM head)" in big.phases["writing the LM head"] and "weights (LM head)" not in big.peak_terms()
     assert plan_prune(s, "magnitude", nsamples=8, seqlen=32, calib_tokens=10**6).peak_phase == "pruning a block"  # no calibration
+
+
+def test_plan_counts_seft_window_statistics():
+    """SEFT's window statistics are in the repair plan: Σ g² / Σ |W·g| per active weight, Σ g per weight (bf16)."""
+    from seftc.plan import plan_repair, shape_of
+
+    s = shape_of(build_tiny_model("llama"))
+    base = plan_repair(s, "seft", sparsity=0.7)
+    v2 = plan_repair(s, "seft", sparsity=0.7, evict_score="fisher", grow_candidates="window")
+    assert "eviction statistics" not in base.terms and "growth statistics" not in base.terms
+    assert v2.terms["eviction statistics"] == int(s.target_params * 0.3) * 2 and v2.terms["growth statistics"] == s.target_params * 2
+    assert v2.total == base.total + v2.terms["eviction statistics"] + v2.terms["growth statistics"]

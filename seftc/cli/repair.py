@@ -42,7 +42,8 @@ def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, ma
         check_fits(plan_repair(model_shape(model)[0], cfg.method, batch_size=cfg.batch_size, seqlen=cfg.seqlen, density=cfg.density,
                                lora_r=cfg.lora_r, grad_checkpointing=cfg.grad_checkpointing,
                                nproc=int(os.environ.get("WORLD_SIZE", "1")), fsdp=fsdp, sparsity=pruned_sparsity(model),
-                               static_precision=cfg.static_precision), max_memory)
+                               static_precision=cfg.static_precision, evict_score=cfg.evict_score,
+                               grow_candidates=cfg.grow_candidates), max_memory)
     try:
         with progress_bars(not as_json) as bars:
             result = run_repair(model, cfg, output=output, force=force, resume=resume, trust_remote_code=trust_remote_code, max_shard_size=max_shard_size,

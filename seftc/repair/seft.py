@@ -134,8 +134,9 @@ class _LayerState:
     cand_pos: torch.Tensor | None = None
     cand_sum: torch.Tensor | None = None
     cand_n: int = 0  # gradients summed into cand_sum
-    win_abs: torch.Tensor | None = None  # dense bf16, Σ |W_eff ⊙ g| over the window (evict_score window)
-    win_sq: torch.Tensor | None = None  # dense bf16, Σ g² over the window (evict_score fisher)
+    # the eviction statistics are kept at the active positions only (A, in flat order; A does not change in a window)
+    win_abs: torch.Tensor | None = None  # bf16 per active position, Σ |W_eff ⊙ g| over the window (evict_score window)
+    win_sq: torch.Tensor | None = None  # bf16 per active position, Σ g² over the window (evict_score fisher)
     win_sum: torch.Tensor | None = None  # dense bf16, Σ g over the window (grow_candidates window)
     win_n: int = 0
     evicted_pos: torch.Tensor | None = None  # positions evicted in the last updates (evict_cooldown)
@@ -213,19 +214,23 @@ class SeftController:
                 st.cand_pos = self._candidates(layer, st, mean.abs(), self._reactivates(update_step), layer.active)
                 st.cand_sum = torch.zeros(st.cand_pos.numel(), dtype=torch.float32, device=dense.device)
             st.cand_n = 0
-            zeros = lambda: torch.zeros_like(dense, dtype=torch.bfloat16)  # noqa: E731
-            st.win_abs = zeros() if o.evict_score == "window" else None
-            st.win_sq = zeros() if o.evict_score == "fisher" else None
-            st.win_sum = zeros() if o.grow_candidates == "window" else None
+            zeros = lambda n: torch.zeros(n, dtype=torch.bfloat16, device=dense.device)  # noqa: E731
+            n_active = layer.target if o.evict_score in ("window", "fisher") else 0
+            st.win_abs = zeros(n_active) if o.evict_score == "window" else None
+            st.win_sq = zeros(n_active) if o.evict_score == "fisher" else None
+            st.win_sum = torch.zeros_like(dense, dtype=torch.bfloat16) if o.grow_candidates == "window" else None
             st.win_n = 0
         if st.cand_pos is not None:
             st.cand_sum += dense[st.cand_pos]  # this rank's sum; averaged at the update
         if st.cand_pos is not None or st.win_sum is not None:
             st.cand_n += 1
-        if st.win_abs is not None:
-            st.win_abs += (layer.effective_weight().reshape(-1).float().abs() * mean.abs()).to(torch.bfloat16)
-        if st.win_sq is not None:
-            st.win_sq += mean.square().to(torch.bfloat16)
+        if st.win_abs is not None or st.win_sq is not None:
+            a = layer.active
+            g = mean.reshape(-1)[a].float()
+            if st.win_abs is not None:
+                st.win_abs += (layer.effective_weight().reshape(-1)[a].float().abs() * g.abs()).to(torch.bfloat16)
+            if st.win_sq is not None:
+                st.win_sq += g.square().to(torch.bfloat16)
         if st.win_sum is not None:
             st.win_sum += dense.to(torch.bfloat16)  # this rank's sum; averaged at the update
         st.win_n += 1
@@ -270,11 +275,15 @@ class SeftController:
         gen = None
         if o.evict_score == "random":  # seeded by (seed, update, layer): a resumed run draws the same
             gen = torch.Generator(device="cpu").manual_seed(o.seed * 1_000_003 + self.update_index * 1009 + self.names.index(layer._seft_name))
-        return topology.eviction_cost(
-            o.evict_score, layer.effective_weight(), dense, active,
-            abs_mean=st.win_abs.float() / n if st.win_abs is not None else None,
-            sq_mean=st.win_sq.float() / n if st.win_sq is not None else None,
-            importance=importance, blend=o.evict_blend, generator=gen)
+        def spread(values: torch.Tensor | None) -> torch.Tensor | None:  # the active positions' means, 0 elsewhere (dense, this layer only)
+            if values is None:
+                return None
+            full = torch.zeros(active.numel(), dtype=torch.float32, device=active.device)
+            full[active] = values.float() / n
+            return full
+
+        return topology.eviction_cost(o.evict_score, layer.effective_weight(), dense, active, abs_mean=spread(st.win_abs),
+                                      sq_mean=spread(st.win_sq), importance=importance, blend=o.evict_blend, generator=gen)
 
     def _decide(self, layer: SeftLinear, st: _LayerState, dense: torch.Tensor) -> _Pending:
         o = self.options
@@ -511,6 +520,9 @@ class SeftController:
                 st.cand_pos = st.cand_pos.to(torch.int32)
             st.cand_n = int(tensors[f"{i}.cand_n"]) if f"{i}.cand_n" in tensors else 0
             st.win_abs, st.win_sq, st.win_sum = get("win_abs"), get("win_sq"), get("win_sum")
+            for key in ("win_abs", "win_sq"):  # checkpoints written before these were kept per active position hold them dense
+                if getattr(st, key) is not None and getattr(st, key).numel() == layer.numel != layer.target:
+                    setattr(st, key, getattr(st, key)[layer.active])
             st.win_n = int(tensors[f"{i}.win_n"]) if f"{i}.win_n" in tensors else 0
             st.evicted_pos, st.evicted_at = get("evicted_pos", torch.int32).to(torch.int32), get("evicted_at", torch.int32)
             layer.merged_pos, layer.merged_val = get("merged_pos", torch.int32), get("merged_val", torch.float32)
