@@ -14,7 +14,8 @@ Protocol (written into results/repair-curve.md and .json, the plot into results/
   memory and lower or equal perplexity on it (one of them strictly);
 - each measured row is cached (quality: BENCH_DIR/rows, memory: BENCH_SCALE_DIR/rows.json) with
   the inputs it was measured with, so the curve can be completed over several sittings;
-  BENCH_ONLY_CACHED=1 draws what is measured and lists what is missing.
+  BENCH_ONLY_CACHED=1 draws what is measured and lists what is missing; BENCH_QUALITY_CACHED=1 measures
+  the memory rows only (they can run beside the quality runs: peak RSS does not depend on the load).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ RANKS = [int(x) for x in os.environ.get("BENCH_RANKS", "8,16,64").split(",")]
 LORAS = ("masked-lora", "lora-merge")
 SHAPE = os.environ.get("BENCH_SHAPE", "1.1b")
 ONLY_CACHED = os.environ.get("BENCH_ONLY_CACHED") == "1"
+QUALITY_CACHED = ONLY_CACHED or os.environ.get("BENCH_QUALITY_CACHED") == "1"  # measure memory only (quality: cached rows)
 
 
 def make_env(target: str = "bench-repair-140") -> dict[str, str]:
@@ -71,7 +73,7 @@ def quality(env: dict, pts: list[dict]) -> dict:
     run = {**os.environ, **env, "BENCH_METHODS": ",".join(p["name"] for p in pts), "BENCH_PATTERNS": env["BENCH_PATTERNS"].split(",")[0],
            "BENCH_SEEDS": env["BENCH_SEEDS"].split(",")[0], "BENCH_SETTINGS": json.dumps(settings), "BENCH_NAME": name,
            "BENCH_TASK_METHODS": os.environ.get("BENCH_TASK_METHODS", "seft,static"), "PYTHONPATH": str(ROOT),
-           **({"BENCH_RENDER_ONLY": "1"} if ONLY_CACHED else {})}
+           **({"BENCH_RENDER_ONLY": "1"} if QUALITY_CACHED else {})}
     for key in ("BENCH_DIR", "BENCH_MODEL", "BENCH_STEPS", "BENCH_SEQLEN", "BENCH_CALIB", "BENCH_CALIB_N", "BENCH_CALIB_SEQLEN",
                 "BENCH_PPL_WINDOWS", "BENCH_PPL_SEQLEN", "BENCH_LIMIT", "BENCH_TASKS", "BENCH_DAMAGE_WINDOWS", "BENCH_RESULTS_DIR",
                 "BENCH_JOBS"):  # test and partial-run overrides of the target's settings
