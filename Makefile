@@ -63,8 +63,9 @@ bench-repair-140: install
 
 # The paper's setting: repair on the commonsense instruction mix (commonsense:train), Wanda 50% and
 # 70%, SEFT against static, masked-lora and lora-merge at the same budget; the eight commonsense
-# tasks scored on the first 1200 items of their eval parts (all of them where a part is smaller):
-# standard error ≤ 1.44 points at any accuracy, and about a fifth of the tokens of the whole parts
+# tasks scored on the first 1200 items of their eval parts (standard error ≤ 1.44 points at any
+# accuracy; the smaller parts are scored whole and print their larger errors: WinoGrande 1024,
+# ARC-Easy 461, ARC-Challenge 233, OpenBookQA 380 items), about a fifth of the whole parts' tokens
 # (HellaSwag's 8044 items × 4 endings alone are ~2.9 M tokens, ~3 h per model on 2 cores), with
 # their mean ± pooled error; validation (damage log) on commonsense:valid in-domain,
 # shakespeare:valid out-of-domain.
