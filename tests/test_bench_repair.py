@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -38,16 +37,8 @@ def test_replay_update_on_tiny_model(tiny_dir, tmp_path, calib_file):
 
 
 def _make_env(target: str) -> dict[str, str]:
-    """The BENCH_* assignments `make TARGET` runs bench_repair.py with."""
-    out = subprocess.run(["make", "-n", "--always-make", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    line = next(x for x in out.replace("\\\n", " ").splitlines() if "bench/bench_repair.py" in x)
-    env = {}
-    for word in shlex.split(line):
-        if "=" not in word or not word.startswith("BENCH_"):
-            break
-        key, value = word.split("=", 1)
-        env[key] = value
-    return env
+    """The BENCH_* assignments `make TARGET` runs bench_repair.py with (parsed as bench-repair-curve parses them)."""
+    return _module("bench_repair_curve").make_env(target)
 
 
 def test_bench_140_covers_noregrow_and_2of4():
