@@ -117,16 +117,20 @@ def evaluate(folder: str, tasks: bool = True) -> dict:
     return row
 
 
+def _repair_options(method: str, seed: int) -> dict:
+    """The repair options of one run (`method`: a method or NAME@variant)."""
+    damage = {"damage_windows": DAMAGE_WINDOWS, "eval_data": EVAL_DATA, "ood_data": OOD_DATA} if DAMAGE_WINDOWS else {}
+    return {"method": method.split("@")[0], "seed": seed, "steps": STEPS, "data": DATA, "seqlen": SEQLEN, "eval_every": 0, **damage,
+            **SETTINGS.get(method, {})}
+
+
 def worker(src: str, method: str, seed: int, out: str) -> dict:
     from seftc.repair.api import repair
 
-    options = SETTINGS.get(method, {})
-    damage = {"damage_windows": DAMAGE_WINDOWS, "eval_data": EVAL_DATA, "ood_data": OOD_DATA} if DAMAGE_WINDOWS else {}
-    result = repair(src, method=method.split("@")[0], seed=seed, steps=STEPS, data=DATA, seqlen=SEQLEN, output=out, force=True,
-                    eval_every=0, allow_dense=True, **{**damage, **options})
+    result = repair(src, output=out, force=True, allow_dense=True, **_repair_options(method, seed))
     cfg = result.manifest.config
     stats = result.manifest.layer_stats or {}
-    row = {"method": method, "seed": seed, "options": options, "lr": cfg["learning_rate"],
+    row = {"method": method, "seed": seed, "options": SETTINGS.get(method, {}), "lr": cfg["learning_rate"],
            "s_per_step": cfg["s_per_step"], "peak_rss_mib": cfg["peak_rss_mib"], "trainable": cfg.get("trainable_params"),
            "regrown": sum(v.get("regrown", 0) for v in stats.values()),
            "positions_moved": sum(v.get("positions_left", 0) for v in stats.values()),
@@ -141,8 +145,11 @@ def _inputs(key: str, args: list[str]) -> dict:
     """What one row's measurement depends on besides the code; kept in its cached file and compared on reuse."""
     inputs = {"key": key, "model": MODEL, "calib": CALIB, "ppl": [PPL_SOURCES, PPL_WINDOWS, PPL_SEQLEN], "tasks": [TASKS, LIMIT]}
     if args[0] == "--worker":
-        inputs.update(options=SETTINGS.get(args[2], {}), steps=STEPS, data=DATA, seqlen=SEQLEN,
-                      damage=[DAMAGE_WINDOWS, EVAL_DATA, OOD_DATA] if DAMAGE_WINDOWS else None)
+        from seftc.repair.config import make_repair_config
+
+        method, seed = args[2], int(args[3])
+        # the whole resolved configuration, so a change of a default is seen too
+        inputs.update(options=SETTINGS.get(method, {}), config=make_repair_config(**_repair_options(method, seed)).model_dump())
     return json.loads(json.dumps(inputs))  # as read back from the file (lists, not tuples)
 
 
@@ -154,8 +161,17 @@ def _spawn(args: list[str], key: str) -> dict:
     inputs = _inputs(key, args)
     if cached.is_file():
         row = json.loads(cached.read_text())
-        if "inputs" not in row:  # rows written before the inputs were kept
-            print(f"[bench-repair] {key}: cached row without its inputs, reused as is", file=sys.stderr, flush=True)
+        if "inputs" not in row:  # rows written before the inputs were kept: their settings are unknown
+            if os.environ.get("BENCH_LEGACY_ROWS") != "1":
+                raise SystemExit(f"bench-repair: {cached} does not record what it was measured with; delete it to measure again, "
+                                 "or set BENCH_LEGACY_ROWS=1 to show it as measured")
+            print(f"[bench-repair] {key}: cached row without its inputs, shown as measured (BENCH_LEGACY_ROWS=1)",
+                  file=sys.stderr, flush=True)
+        elif "config" not in row["inputs"] and "config" in inputs:  # rows written before the resolved configuration was kept
+            if row["inputs"] != {k: v for k, v in inputs.items() if k != "config"}:
+                raise SystemExit(f"bench-repair: {cached} was measured with other inputs; delete it to measure again")
+            print(f"[bench-repair] {key}: cached row without its resolved configuration, reused on its options",
+                  file=sys.stderr, flush=True)
         elif row["inputs"] != inputs:
             diff = sorted(k for k in inputs.keys() | row["inputs"].keys() if inputs.get(k) != row["inputs"].get(k))
             raise SystemExit(f"bench-repair: {cached} was measured with other {', '.join(diff)}; delete it to measure again "

@@ -9,7 +9,9 @@ Protocol (written into results/repair-curve.md and .json, the plot into results/
   every point keeps its method's options of that target and changes only ρ or the rank;
 - memory: the same method and options, 2 steps × 1 × 256 tokens on the random-weight 1.1 B
   LLaMA shape (bench/bench_scale.py's, bf16) pruned by Wanda to the same 70%, each run in its own
-  process: that process's peak RSS; beside it `plan`'s projection to the LLaMA-2-7B shape;
+  process: that process's peak RSS (SEFT updates its topology after the first step, so its
+  candidates and window statistics are held as in every window of a quality run); beside it
+  `plan`'s projection to the LLaMA-2-7B shape;
 - a point is on the Pareto front of a text when no other point has both less or equal peak
   memory and lower or equal perplexity on it (one of them strictly);
 - each measured row is cached (quality: BENCH_DIR/rows, memory: BENCH_SCALE_DIR/rows.json) with
@@ -32,6 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 DENSITIES = [float(x) for x in os.environ.get("BENCH_DENSITIES", "0.005,0.02,0.05,0.1").split(",")]
 RANKS = [int(x) for x in os.environ.get("BENCH_RANKS", "8,16,64").split(",")]
 LORAS = ("masked-lora", "lora-merge")
+# 2 steps hold no SEFT statistics window at the quality runs' interval: the memory runs update the topology after step 1
+# (a 1-step window), so the candidates and the window statistics every window of a quality run holds are in the peak
+MEMORY_OVERRIDES = {"seft": {"update_interval": 1, "accumulation": 1}}
 SHAPE = os.environ.get("BENCH_SHAPE", "1.1b")
 ONLY_CACHED = os.environ.get("BENCH_ONLY_CACHED") == "1"
 QUALITY_CACHED = ONLY_CACHED or os.environ.get("BENCH_QUALITY_CACHED") == "1"  # measure memory only (quality: cached rows)
@@ -111,7 +116,8 @@ def memory(pts: list[dict], sparsity: float) -> dict:
                                 os.environ.get("BENCH_CALIB", scale.CALIB), "--nsamples", str(scale.NSAMPLES), "--seqlen",
                                 str(scale.SEQLEN), "-o", str(pruned), "--force", "--device", "cpu"])
             target = work / f"repaired-{SHAPE}-curve"
-            run = scale.measured(["repair", str(pruned), "-o", str(target), "--force", "--method", p["method"], *cli_options(p["options"]),
+            run = scale.measured(["repair", str(pruned), "-o", str(target), "--force", "--method", p["method"],
+                                  *cli_options({**p["options"], **MEMORY_OVERRIDES.get(p["method"], {})}),
                                   "--steps", str(scale.REPAIR_STEPS), "--warmup", "1", "--batch-size", str(scale.REPAIR_BATCH),
                                   "--seqlen", str(scale.REPAIR_SEQLEN), "--eval-every", "0", "--data", data, "--eval-data", data,
                                   "--device", "cpu", "--damage-windows", "0", "--json"])
@@ -119,6 +125,7 @@ def memory(pts: list[dict], sparsity: float) -> dict:
             return {k: v for k, v in run.items() if k != "stdout"}
 
         key = {"shape": SHAPE, "command": "repair-curve", "method": p["method"], "options": p["options"], "sparsity": sparsity,
+               "overrides": MEMORY_OVERRIDES.get(p["method"], {}),
                "steps": scale.REPAIR_STEPS, "batch_per_rank": scale.REPAIR_BATCH, "repair_seqlen": scale.REPAIR_SEQLEN, "data": data}
         row = cache.get(key, measure)
         if row:

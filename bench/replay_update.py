@@ -67,10 +67,14 @@ def pruned_folder(args: argparse.Namespace) -> str:
     return str(out)
 
 
+# The audit's setting, whatever SEFT's defaults are: no caps, no δ decay, reactivation until the end (--options adds to it)
+AUDIT = {"row_cap": None, "reactivation_cap": None, "delta_decay": 0.0, "reactivation_stop": 1.0}
+
+
 def replay(src: str, score: str, args: argparse.Namespace) -> dict:
     from seftc.repair.api import repair
 
-    options = json.loads(args.options)
+    options = {**AUDIT, **json.loads(args.options)}
     interval = args.steps_in + 1  # the update is decided in step steps_in's backward, applied after its optimizer step
     result = repair(src, method="seft", steps=args.total_steps, update_interval=interval, accumulation=min(5, interval),
                     evict_score=score, reactivation=args.reactivation, data=args.data, eval_data=args.in_data, ood_data=args.out_data,

@@ -150,3 +150,9 @@ def pruned_tiny_llama(folder: Path, pattern: str = "unstructured", negative_zero
                     w.masked_fill_(~keep, 0.0)
     model.save_pretrained(folder)
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# SEFT v1's behaviour (the defaults before validation chose v2's): last-batch eviction score, no caps, no δ decay,
+# reactivation until the end. Tests of mechanisms that need many reactivations on tiny layers use it (v2's caps
+# floor to 0 reactivations on layers of a few thousand weights).
+SEFT_V1 = dict(evict_score="last", row_cap=None, reactivation_cap=None, delta_decay=0.0, reactivation_stop=1.0)

@@ -278,3 +278,22 @@ def test_warmup_not_below_steps_warns(pruned, tmp_path):
                           "--seqlen", "32", "--warmup", "5", "--method", "static", "--eval-every", "0")
     assert code == 0, stderr
     assert "warning: warm-up (5 steps) is not below the 2 steps" in " ".join(stderr.split())
+
+
+def test_optional_numbers_with_a_default_take_none():
+    """`--row-cap none` turns SEFT's cap off (its default is a number); anything else that is no number is one clear line."""
+    import click
+
+    from seftc.cli.options import options_from
+    from seftc.repair.config import RepairConfig
+
+    @click.command()
+    @options_from(RepairConfig, only=("row_cap", "reactivation_cap", "steps"))
+    def probe(**kw):
+        click.echo(repr((kw["row_cap"], kw["reactivation_cap"])))
+
+    assert CliRunner().invoke(probe, []).stdout.strip() == repr((RepairConfig().row_cap, RepairConfig().reactivation_cap)) == "(0.02, 0.005)"
+    assert CliRunner().invoke(probe, ["--row-cap", "none", "--reactivation-cap", "0.01"]).stdout.strip() == "(None, 0.01)"
+    bad = CliRunner().invoke(probe, ["--row-cap", "lots"])
+    assert bad.exit_code == 2 and "neither a number nor 'none'" in bad.output and "Traceback" not in bad.output
+    assert CliRunner().invoke(probe, ["--steps", "none"]).exit_code == 2  # a number without a None: none is no value

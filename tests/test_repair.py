@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import SEFT_V1
 from seftc.models.manifest import Manifest
 from seftc.prune.api import prune
 from seftc.prune.masks import Pattern, nm_holds
@@ -229,10 +230,11 @@ def test_active_values_linear_gathers_gradients_at_the_mask_and_merges_back():
 # SEFT v2 options (issue 16): window / Fisher eviction scores, importance blend, caps, cool-down, the pull to the base
 V2 = dict(evict_score="fisher", grow_candidates="window", row_cap=0.2, reactivation_cap=0.05, evict_cooldown=1, delta_decay=0.5)
 V2_BLEND = dict(evict_score="window", evict_blend=0.3, row_cap=0.2, reactivation_cap=0.05, reactivation_margin=0.5)
+V1 = SEFT_V1
 
 
 @pytest.mark.parametrize("which", ["u70", "nm24"])
-@pytest.mark.parametrize("options", [dict(reactivation="gain"), dict(reactivation="always"), dict(reactivation="always", **V2),
+@pytest.mark.parametrize("options", [dict(reactivation="gain", **V1), dict(reactivation="always", **V1), dict(reactivation="always", **V2),
                                      dict(reactivation="gain", **V2_BLEND)], ids=["gain", "always", "v2", "v2-blend"])
 def test_seft_keeps_exact_per_layer_sparsity_and_regrows(pruned, tmp_path, which, options):
     src = pruned / which
@@ -244,7 +246,7 @@ def test_seft_keeps_exact_per_layer_sparsity_and_regrows(pruned, tmp_path, which
     assert regrown > 0 and all(s["updates"] == 2 for s in m.layer_stats.values())
     for key, value in options.items():  # every choice recorded in the manifest
         assert m.config[key] == value
-    if "row_cap" in options:  # the caps held at every update
+    if options.get("row_cap") is not None:  # the caps held at every update
         assert all(s["rows_emptied"] == 0 for s in m.layer_stats.values())
         limit = sum(int(options["reactivation_cap"] * n) for n in _saved_nonzero(src).values())  # floor(cap × T) per layer
         assert all(u["regrown"] <= limit for u in r.history["updates"])
@@ -646,7 +648,7 @@ def test_seft_slot_state_is_int32_and_old_int64_checkpoints_resume(pruned, tmp_p
 
     from seftc.plan import SEFT_SLOT_BYTES
 
-    args = dict(density=0.05, device="cpu", checkpoint_every=7, evict_cooldown=2, **{**QUICK, "steps": 9})
+    args = dict(density=0.05, device="cpu", checkpoint_every=7, **{**SEFT_V1, "evict_cooldown": 2}, **{**QUICK, "steps": 9})
     whole = repair(str(pruned / "u70"), output=tmp_path / "whole", **args)
     ckpt = tmp_path / "ckpt"
     repair(str(pruned / "u70"), output=tmp_path / "stopped", checkpoint_dir=ckpt, stop_after=7, **args)

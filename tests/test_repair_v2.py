@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SEFT_V1
 from seftc.models.manifest import Manifest
 from seftc.prune.api import prune
 from seftc.prune.masks import Pattern
@@ -245,7 +246,7 @@ class _Sink:
 def test_update_damage_is_logged_in_and_out_of_domain(pruned, tmp_path, calib_file):
     sink = _Sink()
     r = repair(str(pruned), method="seft", output=tmp_path / "r", density=0.05, damage_windows=2, ood_data=str(calib_file),
-               reactivation="always", progress=sink, **QUICK)
+               reactivation="always", progress=sink, **SEFT_V1, **QUICK)
     damage = r.history["update_damage"]
     assert [d["step"] for d in damage] == [u["step"] for u in r.history["updates"]] == [4, 8]
     assert all({"in_before", "in_after", "out_before", "out_after"} <= d.keys() for d in damage)
@@ -254,7 +255,7 @@ def test_update_damage_is_logged_in_and_out_of_domain(pruned, tmp_path, calib_fi
     assert m.training["update_damage"] == damage and m.config["damage_windows"] == 2
     shown = [f for f in sink.fields if "damage_in" in f]
     assert len(shown) == 2 and shown[0]["damage_in"] == pytest.approx(damage[0]["in_after"] - damage[0]["in_before"])
-    plain = repair(str(pruned), method="seft", output=tmp_path / "p", density=0.05, reactivation="always", **QUICK)
+    plain = repair(str(pruned), method="seft", output=tmp_path / "p", density=0.05, reactivation="always", **SEFT_V1, **QUICK)
     assert plain.history["update_damage"] == []  # off by default
     a, b = (Manifest.load(tmp_path / x).layers for x in ("r", "p"))
     assert [x.mask_sha256 for x in a] == [x.mask_sha256 for x in b]  # logging does not change the run
@@ -280,8 +281,8 @@ def test_importance_pass_matches_wanda_statistic(pruned):
 
 
 def test_wanda_eviction_score_runs_end_to_end(pruned, tmp_path):
-    r = repair(str(pruned), method="seft", output=tmp_path / "r", density=0.05, evict_score="wanda", reactivation="always",
-               importance_windows=2, **QUICK)
+    r = repair(str(pruned), method="seft", output=tmp_path / "r", density=0.05, reactivation="always", importance_windows=2,
+               **{**SEFT_V1, "evict_score": "wanda"}, **QUICK)
     m = Manifest.load(tmp_path / "r")
     assert m.config["evict_score"] == "wanda" and sum(s["pruned_back"] for s in m.layer_stats.values()) > 0
     assert all(u["rows_emptied"] >= 0 for u in r.history["updates"])
@@ -297,7 +298,8 @@ def test_bf16_model_repairs_end_to_end(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     src = tmp_path / "p"
     prune(str(tmp_path / "m"), method="wanda", sparsity=0.7, calib={"source": TEXT, "nsamples": 4, "seqlen": 32}, output=src)
-    r = repair(str(src), method="seft", output=tmp_path / "r", density=0.05, reactivation="always", **{**QUICK, "eval_every": 6})
+    r = repair(str(src), method="seft", output=tmp_path / "r", density=0.05, reactivation="always", **SEFT_V1,
+               **{**QUICK, "eval_every": 6})
     m = Manifest.load(tmp_path / "r")
     before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "r" / "model.safetensors")
     for rec in m.layers:

@@ -37,6 +37,30 @@ def _base(annotation: Any) -> Any:
     return annotation
 
 
+def _optional(annotation: Any) -> bool:
+    """The annotation admits None (`X | None`, possibly inside Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _optional(typing.get_args(annotation)[0])
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+class OrNone(click.ParamType):
+    """A number, or `none` for a field that is optional but has a default (`--row-cap none`: no cap)."""
+
+    def __init__(self, base: type):
+        self.base = base
+        self.name = f"{base.__name__}|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        try:
+            return self.base(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
+
+
 def _cli_extra(info: FieldInfo) -> dict[str, Any]:
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     return dict(extra.get("cli", {}))
@@ -63,7 +87,7 @@ def click_option(name: str, info: FieldInfo) -> Callable[[Callable], Callable]:
     elif typing.get_origin(base) is list:
         return click.option(decl, name, multiple=True, default=tuple(default or ()), **kwargs)
     elif base in (int, float):
-        kwargs["type"] = base
+        kwargs["type"] = OrNone(base) if default is not None and _optional(info.annotation) else base
     if default is None and kwargs["show_default"] is True:
         kwargs["show_default"] = False
     return click.option(decl, name, default=default, **kwargs)

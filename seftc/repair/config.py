@@ -55,19 +55,19 @@ class RepairConfig(BaseModel):
                                                  "eviction (gain), or always.")
     # SEFT v2 (issue 16): eviction/growth scores, caps on how much one update moves, the pull toward the base
     evict_score: Literal["last", "window", "fisher", "wanda", "magnitude", "random"] = described(
-        "last", "SEFT: eviction (prune-back) cost: last batch |W·g|, window-mean |W·g|, Fisher/OBD, or an importance.")
+        "fisher", "SEFT: eviction (prune-back) cost: last batch |W·g|, window-mean |W·g|, Fisher/OBD, or an importance.")
     evict_blend: Fraction = described(0.0, "SEFT: weight of the pruning-time importance |W|·‖X‖ in the eviction cost.")
     importance_windows: Count = described(8, "SEFT: calibration windows for ‖X‖ (evict-score wanda or evict-blend > 0).")
     grow_candidates: Literal["first", "window"] = described(
         "first", "SEFT: growth candidates from the top |g| of the window's first batch, or of its summed gradient.")
     reactivation_cap: PositiveFraction | None = described(
-        None, "SEFT: reactivations per update ≤ this fraction of a layer's active weights.", show_default="no cap")
+        0.005, "SEFT: reactivations per update ≤ this fraction of a layer's active weights (none: no cap).")
     row_cap: OpenFraction | None = described(
-        None, "SEFT: evictions per output row and update ≤ this fraction of the row's active weights.", show_default="no cap")
-    reactivation_stop: PositiveFraction = described(1.0, "SEFT: no reactivation after this fraction of the steps.")
+        0.02, "SEFT: evictions per output row and update ≤ this fraction of the row's active weights (none: no cap).")
+    reactivation_stop: PositiveFraction = described(0.75, "SEFT: no reactivation after this fraction of the steps.")
     reactivation_margin: PositiveFloat = described(1.0, "SEFT: the gain rule reactivates only where gain > margin × cost.")
     evict_cooldown: NonNegativeCount = described(0, "SEFT: positions evicted in the last N updates are not regrown (0: off).")
-    delta_decay: NonNegativeFloat = described(0.0, "SEFT: decay of δ and merged δ toward the pruned base (L2-SP pull).")
+    delta_decay: NonNegativeFloat = described(2.0, "SEFT: decay of δ and merged δ toward the pruned base (L2-SP pull; 0: off).")
     # eviction damage log: held-out loss just before and after each topology update (costs forward passes)
     damage_windows: NonNegativeCount = described(
         0, "Log held-out loss before/after each SEFT topology update on this many windows (0: off).")
