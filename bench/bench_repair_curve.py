@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 DENSITIES = [float(x) for x in os.environ.get("BENCH_DENSITIES", "0.005,0.02,0.05,0.1").split(",")]
 RANKS = [int(x) for x in os.environ.get("BENCH_RANKS", "8,16,64").split(",")]
-LORAS = ("masked-lora", "lora-merge")
+LORAS = os.environ.get("BENCH_LORAS", "masked-lora,lora-merge").split(",")
 # 2 steps hold no SEFT statistics window at the quality runs' interval: the memory runs update the topology after step 1
 # (a 1-step window), so the candidates and the window statistics every window of a quality run holds are in the peak
 MEMORY_OVERRIDES = {"seft": {"update_interval": 1, "accumulation": 1}}

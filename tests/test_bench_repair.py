@@ -102,14 +102,14 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     env = {**os.environ, "BENCH_MODEL": str(tiny_dir), "BENCH_STEPS": "2", "BENCH_SEQLEN": "32", "BENCH_CALIB": TEXT, "BENCH_CALIB_N": "4",
            "BENCH_CALIB_SEQLEN": "32", "BENCH_PPL_WINDOWS": "1", "BENCH_PPL_SEQLEN": "32", "BENCH_TASKS": "", "BENCH_JOBS": "1",
            "BENCH_DAMAGE_WINDOWS": "0", "BENCH_DIR": str(tmp_path / "work"), "BENCH_RESULTS_DIR": str(tmp_path / "results"),
-           "BENCH_DENSITIES": "0.05,0.1", "BENCH_RANKS": "4", "BENCH_SHAPE": "tiny", "BENCH_SCALE_DIR": str(tmp_path / "scale"),
+           "BENCH_DENSITIES": "0.05,0.1", "BENCH_RANKS": "4", "BENCH_LORAS": "masked-lora", "BENCH_SHAPE": "tiny", "BENCH_SCALE_DIR": str(tmp_path / "scale"),
            "BENCH_NSAMPLES": "2", "BENCH_REPAIR_DATA": TEXT, "BENCH_REPAIR_SEQLEN": "32", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_repair_curve.py")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "results" / "repair-curve.json").read_text())
     labels = [p["label"] for p in out["points"]]
-    assert labels == ["seft ρ=0.05", "seft ρ=0.1", "masked-lora r=4", "lora-merge r=4", "static"]
+    assert labels == ["seft ρ=0.05", "seft ρ=0.1", "masked-lora r=4", "static"]
     for p in out["points"]:
         assert p["ppl_in"] > 0 and p["peak_gib"] > 0 and p["plan_7b"] > 0 and p["front_ppl_in"] in (True, False)
     assert any(p["front_ppl_out"] for p in out["points"])
