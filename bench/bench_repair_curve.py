@@ -9,9 +9,10 @@ Protocol (written into results/repair-curve.md and .json, the plot into results/
   every point keeps its method's options of that target and changes only ρ or the rank;
 - memory: the same method and options, 2 steps × 1 × 256 tokens on the random-weight 1.1 B
   LLaMA shape (bench/bench_scale.py's, bf16) pruned by Wanda to the same 70%, each run in its own
-  process: that process's peak RSS (SEFT updates its topology after the first step, so its
-  candidates and window statistics are held as in every window of a quality run); beside it
-  `plan`'s projection to the LLaMA-2-7B shape;
+  process: that process's peak RSS, the x axis (and, beside it, the manifest's peak before the
+  save: load and training); SEFT updates its topology after the first step, so its candidates and
+  window statistics are held as in every window of a quality run; `plan`'s projection to the
+  LLaMA-2-7B shape in the last memory column;
 - a point is on the Pareto front of a text when no other point has both less or equal peak
   memory and lower or equal perplexity on it (one of them strictly);
 - each measured row is cached (quality: BENCH_DIR/rows, memory: BENCH_SCALE_DIR/rows.json) with
@@ -122,7 +123,8 @@ def memory(pts: list[dict], sparsity: float) -> dict:
                                   "--seqlen", str(scale.REPAIR_SEQLEN), "--eval-every", "0", "--data", data, "--eval-data", data,
                                   "--device", "cpu", "--damage-windows", "0", "--json"])
             subprocess.run(["rm", "-rf", str(target)], check=True)
-            return {k: v for k, v in run.items() if k != "stdout"}
+            train_peak = json.loads(run["stdout"])["config"]["peak_rss_mib"] * 2**20  # the manifest's: load + training, before the save
+            return {**{k: v for k, v in run.items() if k != "stdout"}, "train_peak": train_peak}
 
         key = {"shape": SHAPE, "command": "repair-curve", "method": p["method"], "options": p["options"], "sparsity": sparsity,
                "overrides": MEMORY_OVERRIDES.get(p["method"], {}),
@@ -194,6 +196,8 @@ def main() -> None:
             row.update(ppl_in=r["ppl_in"], ppl_out=r["ppl_out"], trainable=r.get("trainable"))
         if p["name"] in mem:
             row.update(peak_gib=mem[p["name"]]["peak_rss"] / 2**30, memory_commit=mem[p["name"]]["commit"])
+            if "train_peak" in mem[p["name"]]:
+                row["train_peak_gib"] = mem[p["name"]]["train_peak"] / 2**30
         table.append(row)
     for key in ("ppl_in", "ppl_out"):
         measured = {r["name"]: (r["peak_gib"], r[key]) for r in table if "peak_gib" in r and key in r}
@@ -206,11 +210,12 @@ def main() -> None:
                                                                "shape": SHAPE, "dense": q["dense"], "pruned": q["pruned"],
                                                                "sources": q["sources"], "points": table}, indent=2) + "\n")
     mark = {True: "yes", False: "no", None: "—"}
-    lines = [f"| point | trainable | peak GiB ({SHAPE}, 2 steps) | plan GiB (LLaMA-2-7B) | ppl {q['sources'][0]} | front | "
-             f"ppl {q['sources'][1]} | front |", "|---|---:|---:|---:|---:|---|---:|---|"]
+    lines = [f"| point | trainable | peak GiB ({SHAPE}, 2 steps) | before the save | plan GiB (LLaMA-2-7B) | ppl {q['sources'][0]} | "
+             f"front | ppl {q['sources'][1]} | front |", "|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in table:
         lines.append(f"| {r['label']} | {r['trainable'] / 1e6:.2f} M | " if r.get("trainable") else f"| {r['label']} | — | ")
-        lines[-1] += (f"{r['peak_gib']:.2f} | " if "peak_gib" in r else "— | ") + f"{r['plan_7b'] / 2**30:.1f} | "
+        lines[-1] += (f"{r['peak_gib']:.2f} | " if "peak_gib" in r else "— | ") + \
+            (f"{r['train_peak_gib']:.2f} | " if "train_peak_gib" in r else "— | ") + f"{r['plan_7b'] / 2**30:.1f} | "
         lines[-1] += " | ".join(f"{r[k]:.2f} | {mark[r[f'front_{k}']]}" if k in r else "— | —" for k in ("ppl_in", "ppl_out")) + " |"
     missing = [r["label"] for r in table if "ppl_in" not in r or "peak_gib" not in r]
     seft = [r for r in table if r["method"] == "seft" and r["front_ppl_in"] is not None]
