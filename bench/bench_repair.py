@@ -168,7 +168,9 @@ def _spawn(args: list[str], key: str) -> dict:
             print(f"[bench-repair] {key}: cached row without its inputs, shown as measured (BENCH_LEGACY_ROWS=1)",
                   file=sys.stderr, flush=True)
         elif "config" not in row["inputs"] and "config" in inputs:  # rows written before the resolved configuration was kept
-            if row["inputs"] != {k: v for k, v in inputs.items() if k != "config"}:
+            earlier = {**{k: v for k, v in inputs.items() if k != "config"}, "steps": STEPS, "data": DATA, "seqlen": SEQLEN,
+                       "damage": [DAMAGE_WINDOWS, EVAL_DATA, OOD_DATA] if DAMAGE_WINDOWS else None}  # what those rows kept
+            if row["inputs"] != earlier:
                 raise SystemExit(f"bench-repair: {cached} was measured with other inputs; delete it to measure again")
             print(f"[bench-repair] {key}: cached row without its resolved configuration, reused on its options",
                   file=sys.stderr, flush=True)
