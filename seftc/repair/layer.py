@@ -34,6 +34,8 @@ class _SparseDeltaLinear(torch.autograd.Function):
         ctx.layer = layer
         if not layer.defer:
             return F.linear(x, layer.effective_weight(delta), bias)
+        if x.dtype == torch.float32:  # one product with W + drift, summed in fp32 (the drift is dense fp32 already)
+            return F.linear(x, layer.weight.float() + layer.drift(delta), bias)
         return F.linear(x, layer.weight.to(x.dtype), bias) + F.linear(x, layer.drift(delta).to(x.dtype))
 
     @staticmethod
@@ -42,7 +44,9 @@ class _SparseDeltaLinear(torch.autograd.Function):
         layer: SeftLinear = ctx.layer
         if not layer.defer:
             grad_x = grad_out @ layer.effective_weight(delta).to(grad_out.dtype)
-        else:
+        elif grad_out.dtype == torch.float32:
+            grad_x = grad_out @ (layer.weight.float() + layer.drift(delta))
+        else:  # half compute: the drift's own product, so small drifts are not rounded into W's precision
             grad_x = grad_out @ layer.weight.to(grad_out.dtype) + grad_out @ layer.drift(delta).to(grad_out.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
