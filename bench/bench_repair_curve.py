@@ -142,8 +142,8 @@ def projection(p: dict, sparsity: float) -> int:
 
     o = p["options"]
     return plan_repair(shape_of(scale.llama_model("7b")), p["method"], batch_size=1, seqlen=256, sparsity=sparsity,
-                       density=o.get("density"), lora_r=o.get("lora_r", 8), evict_score=o.get("evict_score", "last"),
-                       grow_candidates=o.get("grow_candidates", "first")).total
+                       density=o.get("density"), lora_r=o.get("lora_r", 8), evict_score=o.get("evict_score"),
+                       grow_candidates=o.get("grow_candidates")).total
 
 
 def pareto(values: dict[str, tuple[float, float]]) -> set[str]:

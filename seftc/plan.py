@@ -231,16 +231,18 @@ def _packed(positions: int) -> int:
 
 def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seqlen: int = 256, density: float | None = None,
                 lora_r: int = 8, grad_checkpointing: bool = False, nproc: int = 1, fsdp: bool = False, sparsity: float = 0.5,
-                static_precision: str = "weights", evict_score: str = "last", grow_candidates: str = "first") -> Plan:
-    """`sparsity`: the pruned input's (static's state is per active weight); `density`: SEFT's ρ
-    (default: repair's own default); `evict_score` window/fisher and `grow_candidates` window: SEFT's
-    window statistics (bf16, per active weight and per weight)."""
+                static_precision: str = "weights", evict_score: str | None = None, grow_candidates: str | None = None) -> Plan:
+    """`sparsity`: the pruned input's (static's state is per active weight); `density`, `evict_score`,
+    `grow_candidates`: SEFT's (default: repair's own defaults); evict_score window/fisher and
+    grow_candidates window hold window statistics (bf16, per active weight and per weight)."""
     if method not in REPAIR_METHODS:
         raise SeftcError(f"unknown repair method {method!r}; choose one of {', '.join(REPAIR_METHODS)}")
-    if density is None:
-        from seftc.repair.config import RepairConfig
+    from seftc.repair.config import RepairConfig
 
-        density = RepairConfig.model_fields["density"].default  # what `seftc repair` trains by default
+    default = lambda name: RepairConfig.model_fields[name].default  # noqa: E731  what `seftc repair` does by default
+    density = default("density") if density is None else density
+    evict_score = default("evict_score") if evict_score is None else evict_score
+    grow_candidates = default("grow_candidates") if grow_candidates is None else grow_candidates
     p = Plan("repair", method, per_rank=nproc > 1)
     d = s.dtype_bytes
     sharded = fsdp and nproc > 1
