@@ -143,7 +143,10 @@ def worker(src: str, method: str, seed: int, out: str) -> dict:
 
 def _inputs(key: str, args: list[str]) -> dict:
     """What one row's measurement depends on besides the code; kept in its cached file and compared on reuse."""
-    inputs = {"key": key, "model": MODEL, "calib": CALIB, "ppl": [PPL_SOURCES, PPL_WINDOWS, PPL_SEQLEN], "tasks": [TASKS, LIMIT]}
+    from seftc.device import resolve_device
+
+    inputs = {"key": key, "model": MODEL, "calib": CALIB, "ppl": [PPL_SOURCES, PPL_WINDOWS, PPL_SEQLEN], "tasks": [TASKS, LIMIT],
+              "device": resolve_device(None)}  # where the worker computes (CUDA when there is one): rows of two devices never mix
     if args[0] == "--worker":
         from seftc.repair.config import make_repair_config
 
@@ -167,12 +170,16 @@ def _spawn(args: list[str], key: str) -> dict:
                                  "or set BENCH_LEGACY_ROWS=1 to show it as measured")
             print(f"[bench-repair] {key}: cached row without its inputs, shown as measured (BENCH_LEGACY_ROWS=1)",
                   file=sys.stderr, flush=True)
-        elif "config" not in row["inputs"] and "config" in inputs:  # rows written before the resolved configuration was kept
-            earlier = {**{k: v for k, v in inputs.items() if k != "config"}, "steps": STEPS, "data": DATA, "seqlen": SEQLEN,
-                       "damage": [DAMAGE_WINDOWS, EVAL_DATA, OOD_DATA] if DAMAGE_WINDOWS else None}  # what those rows kept
+        elif "device" not in row["inputs"]:  # rows kept before their device and resolved configuration (all on the CPU)
+            if inputs["device"] != "cpu":
+                raise SystemExit(f"bench-repair: {cached} was measured on the CPU (before rows kept their device); this run computes on "
+                                 f"{inputs['device']}: set another BENCH_DIR")
+            earlier = {k: v for k, v in inputs.items() if k not in ("config", "device")}
+            if "config" in inputs:  # a repair run: what those rows kept instead of the resolved configuration
+                earlier.update(steps=STEPS, data=DATA, seqlen=SEQLEN, damage=[DAMAGE_WINDOWS, EVAL_DATA, OOD_DATA] if DAMAGE_WINDOWS else None)
             if row["inputs"] != earlier:
                 raise SystemExit(f"bench-repair: {cached} was measured with other inputs; delete it to measure again")
-            print(f"[bench-repair] {key}: cached row without its resolved configuration, reused on its options",
+            print(f"[bench-repair] {key}: cached row without its device and resolved configuration, reused on what it kept",
                   file=sys.stderr, flush=True)
         elif row["inputs"] != inputs:
             diff = sorted(k for k in inputs.keys() | row["inputs"].keys() if inputs.get(k) != row["inputs"].get(k))
