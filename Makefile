@@ -66,7 +66,7 @@ bench-repair-140: install
 # tasks scored on the first 1200 items of their eval parts (standard error ≤ 1.44 points at any
 # accuracy; the smaller parts are scored whole and print their larger errors: WinoGrande 1024,
 # ARC-Easy 461, ARC-Challenge 233, OpenBookQA 380 items), about a fifth of the whole parts' tokens
-# (HellaSwag's 8044 items × 4 endings alone are ~2.9 M tokens, ~3 h per model on 2 cores), with
+# (estimated at ~4 characters per token: HellaSwag's 8044 items × 4 endings alone ~2.9 M, hours per model), with
 # their mean ± pooled error; validation (damage log) on commonsense:valid in-domain,
 # shakespeare:valid out-of-domain.
 bench-repair-commonsense: install
