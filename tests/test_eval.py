@@ -114,6 +114,36 @@ def test_mc_batch_size_invariance(mt):
         evaluate_tasks(model, tok, ["piqa"], limit=1, norm="chars")
 
 
+def test_shared_prefix_scores_equal_one_full_pass_per_request(mt):
+    """An item's choices run their common prefix once (KV cache copied per choice): same scores as a
+    whole forward per request, for every grouping, batch size and left-cut (boolq) request."""
+    import torch
+
+    from seftc.eval.multiple_choice import _bos, _encode, max_length, score_requests
+
+    model, tok = mt
+    items = (load_task("piqa", limit=3) + load_task("winogrande", limit=2) + load_task("boolq", limit=2)
+             + load_task("hellaswag", limit=2) + load_task("arc_easy", limit=2))
+    reqs = [r for it in items for r in it.requests()] + [("Shall I", " compare"), ("Shall I", " compare thee")]
+    limit, bos = max_length(model, tok), _bos(tok)
+    manual = []
+    with torch.no_grad():
+        for ctx, cont in reqs:
+            ids, n = _encode(tok, ctx, cont, bos)
+            ids = ids[-(limit + 1):]
+            n = min(n, len(ids) - 1)
+            logp = model(torch.tensor([ids[:-1]])).logits[0].log_softmax(-1)
+            manual.append((sum(logp[len(ids) - 1 - n + j, t].item() for j, t in enumerate(ids[-n:])), n))
+    by_item = [i for i, it in enumerate(items) for _ in it.requests()] + [-1, -1]
+    for share in (None, by_item, [0] * len(reqs), list(range(len(reqs)))):  # by context, by item, all, none
+        for bs in (1, 5, 16):
+            got = score_requests(model, tok, reqs, batch_size=bs, share=share)
+            assert [n for _, n in got] == [n for _, n in manual]
+            assert [a for a, _ in got] == pytest.approx([a for a, _ in manual], abs=1e-3)
+    with pytest.raises(SeftcError, match="sharing keys"):
+        score_requests(model, tok, reqs, share=[0])
+
+
 # ---------------------------------------------------------------- perplexity
 
 def _manual_nll(model, ids, seqlen, stride):
