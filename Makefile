@@ -50,9 +50,9 @@ bench-repair: install
 # 3 seeds each, Wanda 70% and 2:4, with the settings tuned on shakespeare:valid
 # (results/repair-tuning.md), eviction damage logged per update; ~9 h on 2 cores.
 SEFT_140 = "lr": 0.002, "density": 0.1, "init": "gradient", "update_interval": 10
-# SEFT v2 as validated (results/repair-val40.md, variant fcp): Fisher/OBD eviction, per-row and per-update
-# caps, the pull of δ toward the pruned base, no reactivation in the last quarter.
-SEFT_V2 = $(SEFT_140), "reactivation": "gain", "evict_score": "fisher", "row_cap": 0.02, "reactivation_cap": 0.005, \
+# SEFT v2 as validated (results/repair-val40.md, variant fcpw): window-mean |W·g| eviction (the gain rule's
+# own units), per-row and per-update caps, the pull of δ toward the pruned base, no reactivation in the last quarter.
+SEFT_V2 = $(SEFT_140), "reactivation": "gain", "evict_score": "window", "row_cap": 0.02, "reactivation_cap": 0.005, \
 	"delta_decay": 2.0, "reactivation_stop": 0.75
 bench-repair-140: install
 	BENCH_STEPS=140 BENCH_PATTERNS=0.7,2:4 BENCH_METHODS=seft,static,seft-noregrow BENCH_SEEDS=0,1,2 BENCH_DENSE_REF=0 \

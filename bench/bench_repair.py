@@ -141,6 +141,22 @@ def worker(src: str, method: str, seed: int, out: str) -> dict:
     return row
 
 
+def _relevant(inputs: dict) -> dict:
+    """`inputs` without the resolved configuration's fields that its method never reads: a field is declared for
+    one family by its description ("SEFT: ...", "static: ...", "LoRA baselines: ..."), so a changed SEFT default does
+    not turn static's or LoRA's rows stale."""
+    from seftc.repair.config import RepairConfig
+
+    config = inputs.get("config")
+    if not isinstance(config, dict):
+        return inputs
+    method = str(config.get("method", ""))
+    family = "SEFT:" if method.startswith("seft") else "static:" if method == "static" else "LoRA baselines:"
+    foreign = {name for name, f in RepairConfig.model_fields.items()
+               if (f.description or "").startswith(("SEFT:", "static:", "LoRA baselines:")) and not (f.description or "").startswith(family)}
+    return {**inputs, "config": {k: v for k, v in config.items() if k not in foreign}}
+
+
 def _inputs(key: str, args: list[str]) -> dict:
     """What one row's measurement depends on besides the code; kept in its cached file and compared on reuse."""
     from seftc.device import resolve_device
@@ -181,7 +197,7 @@ def _spawn(args: list[str], key: str) -> dict:
                 raise SystemExit(f"bench-repair: {cached} was measured with other inputs; delete it to measure again")
             print(f"[bench-repair] {key}: cached row without its device and resolved configuration, reused on what it kept",
                   file=sys.stderr, flush=True)
-        elif row["inputs"] != inputs:
+        elif _relevant(row["inputs"]) != _relevant(inputs):
             diff = sorted(k for k in inputs.keys() | row["inputs"].keys() if inputs.get(k) != row["inputs"].get(k))
             raise SystemExit(f"bench-repair: {cached} was measured with other {', '.join(diff)}; delete it to measure again "
                              "or set another BENCH_DIR")

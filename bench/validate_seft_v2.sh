@@ -10,9 +10,18 @@ cd "$(dirname "$0")/.."
 S='"lr": 0.002, "density": 0.1, "init": "gradient", "update_interval": 10'
 V1="$S, \"reactivation\": \"gain\", \"evict_score\": \"last\", \"row_cap\": null, \"reactivation_cap\": null, \"delta_decay\": 0.0, \"reactivation_stop\": 1.0"
 FC="$V1, \"evict_score\": \"fisher\", \"row_cap\": 0.02, \"reactivation_cap\": 0.005"
+FCP="$FC, \"delta_decay\": 2.0, \"reactivation_stop\": 0.75"
 export PYTHONPATH=$PWD
-BENCH_STEPS=40 BENCH_PATTERNS=0.7 BENCH_METHODS=static,seft-noregrow,seft,seft@fc,seft@fcp,seft@fcb BENCH_SEEDS=0 BENCH_DENSE_REF=0 \
+BENCH_STEPS=40 BENCH_PATTERNS=0.7 BENCH_METHODS=static,seft-noregrow,seft,seft@fc,seft@fcp,seft@fcb,seft@fcpw BENCH_SEEDS=0 BENCH_DENSE_REF=0 \
 BENCH_TASKS= BENCH_PPL_WINDOWS=16 BENCH_PPL_SOURCES=shakespeare:valid,commonsense:valid BENCH_JOBS=2 \
 BENCH_DAMAGE_WINDOWS=2 BENCH_NAME=repair-val40 BENCH_DIR=runs/val40 BENCH_RESULTS_DIR=results \
-BENCH_SETTINGS="{\"static\": {\"lr\": 0.001}, \"seft-noregrow\": {$V1}, \"seft\": {$V1}, \"seft@fc\": {$FC}, \"seft@fcp\": {$FC, \"delta_decay\": 2.0, \"reactivation_stop\": 0.75}, \"seft@fcb\": {$FC, \"evict_blend\": 0.5}}" \
+BENCH_SETTINGS="{\"static\": {\"lr\": 0.001}, \"seft-noregrow\": {$V1}, \"seft\": {$V1}, \"seft@fc\": {$FC}, \"seft@fcp\": {$FCP}, \"seft@fcb\": {$FC, \"evict_blend\": 0.5}, \"seft@fcpw\": {$FCP, \"evict_score\": \"window\"}}" \
+.venv/bin/python bench/bench_repair.py
+# 2:4 (session 8): fcp against fcpw (window-mean |W·g| eviction: the gain rule's own units, so it binds), seft-noregrow
+# with fcp's options, and static; results/repair-val40-nm.md. The 2:4 model is bench-repair-140's (same calibration).
+[ -e runs/val40/pruned-2of4 ] || { [ -d runs/bench-repair-140/pruned-2of4 ] && ln -s ../bench-repair-140/pruned-2of4 runs/val40/pruned-2of4; } || true
+BENCH_STEPS=40 BENCH_PATTERNS=2:4 BENCH_METHODS=seft@fcp,seft@fcpw,seft-noregrow,static BENCH_SEEDS=0 BENCH_DENSE_REF=0 \
+BENCH_TASKS= BENCH_PPL_WINDOWS=16 BENCH_PPL_SOURCES=shakespeare:valid,commonsense:valid BENCH_JOBS=2 \
+BENCH_DAMAGE_WINDOWS=2 BENCH_NAME=repair-val40-nm BENCH_DIR=runs/val40 BENCH_RESULTS_DIR=results \
+BENCH_SETTINGS="{\"static\": {\"lr\": 0.001}, \"seft-noregrow\": {$FCP}, \"seft@fcp\": {$FCP}, \"seft@fcpw\": {$FCP, \"evict_score\": \"window\"}}" \
 .venv/bin/python bench/bench_repair.py

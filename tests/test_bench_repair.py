@@ -97,7 +97,7 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     pts = curve.points(json.loads(_make_env("bench-repair-140")["BENCH_SETTINGS"]))
     assert [p["label"] for p in pts if p["method"] == "seft"] == [f"seft ρ={r:g}" for r in curve.DENSITIES]
     assert {p["name"] for p in pts} >= {"seft", "static"}  # bench-repair-140's own rows at its ρ
-    assert all(p["options"]["evict_score"] == "fisher" for p in pts if p["method"] == "seft")
+    assert all(p["options"]["evict_score"] == "window" for p in pts if p["method"] == "seft")
     assert curve.pareto({"a": (1.0, 5.0), "b": (2.0, 4.0), "c": (2.0, 6.0), "d": (1.0, 5.0)}) == {"a", "b", "d"}
     env = {**os.environ, "BENCH_MODEL": str(tiny_dir), "BENCH_STEPS": "2", "BENCH_SEQLEN": "32", "BENCH_CALIB": TEXT, "BENCH_CALIB_N": "4",
            "BENCH_CALIB_SEQLEN": "32", "BENCH_PPL_WINDOWS": "1", "BENCH_PPL_SEQLEN": "32", "BENCH_TASKS": "", "BENCH_JOBS": "1",

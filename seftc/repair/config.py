@@ -55,7 +55,8 @@ class RepairConfig(BaseModel):
                                                  "eviction (gain), or always.")
     # SEFT v2 (issue 16): eviction/growth scores, caps on how much one update moves, the pull toward the base
     evict_score: Literal["last", "window", "fisher", "wanda", "magnitude", "random"] = described(
-        "fisher", "SEFT: eviction (prune-back) cost: last batch |W·g|, window-mean |W·g|, Fisher/OBD, or an importance.")
+        "window", "SEFT: eviction (prune-back) cost: last batch |W·g|, window-mean |W·g|, Fisher/OBD, or an importance. The "
+                  "gain rule weighs it against a first-order gain, so only the first-order costs (last, window) bind it.")
     evict_blend: Fraction = described(0.0, "SEFT: weight of the pruning-time importance |W|·‖X‖ in the eviction cost.")
     importance_windows: Count = described(8, "SEFT: calibration windows for ‖X‖ (evict-score wanda or evict-blend > 0).")
     grow_candidates: Literal["first", "window"] = described(
