@@ -41,6 +41,21 @@ def _make_env(target: str) -> dict[str, str]:
     return _module("bench_repair_curve").make_env(target)
 
 
+def test_cached_rows_compare_only_their_method_family_fields():
+    """A changed SEFT default leaves static's and LoRA's cached rows valid; a field of the row's own family does not."""
+    from seftc.repair.config import make_repair_config
+
+    bench = _module("bench_repair")
+    for method, foreign, own in (("static", "evict_score", "static_precision"), ("masked-lora", "density", "lora_r"),
+                                 ("seft", "lora_r", "evict_score")):
+        config = make_repair_config(method=method).model_dump()
+        row = {"key": "k", "config": config}
+        other = {**config, foreign: "changed"}
+        assert bench._relevant({"key": "k", "config": other}) == bench._relevant(row)
+        assert bench._relevant({"key": "k", "config": {**config, own: "changed"}}) != bench._relevant(row)
+        assert bench._relevant({"key": "k", "config": {**config, "steps": 1}}) != bench._relevant(row)
+
+
 def test_bench_140_covers_noregrow_and_2of4():
     env = _make_env("bench-repair-140")
     assert env["BENCH_METHODS"].split(",") == ["seft", "static", "seft-noregrow"]
