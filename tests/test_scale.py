@@ -493,7 +493,7 @@ def test_plan_counts_seft_window_statistics():
     s = shape_of(build_tiny_model("llama"))
     base = plan_repair(s, "seft", sparsity=0.7, evict_score="last")
     v2 = plan_repair(s, "seft", sparsity=0.7, evict_score="fisher", grow_candidates="window")
-    assert plan_repair(s, "seft", sparsity=0.7).terms["eviction statistics"] == v2.terms["eviction statistics"]  # the default: fisher
+    assert plan_repair(s, "seft", sparsity=0.7).terms["eviction statistics"] == v2.terms["eviction statistics"]  # the default (window): as many as fisher
     assert "eviction statistics" not in base.terms and "growth statistics" not in base.terms
     assert v2.terms["eviction statistics"] == int(s.target_params * 0.3) * 2 and v2.terms["growth statistics"] == s.target_params * 2
     assert v2.total == base.total + v2.terms["eviction statistics"] + v2.terms["growth statistics"]

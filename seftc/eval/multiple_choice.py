@@ -163,10 +163,15 @@ def score_requests(
             out = model(input_ids=inp, attention_mask=mask, use_cache=True, **kwargs)
             head, cache = out.logits, getattr(out, cache_kw)
             at = {p: i for i, p in enumerate(need)} if keep else None
+            total: dict[int, float] = {}  # member -> summed log-probability of its continuation
+            for b, (members, k) in enumerate(batch):  # the continuation tokens predicted inside the shared prefix
+                for m in members:
+                    seq, target = encoded[m]
+                    lo = len(seq) - len(target)
+                    total[m] = _logprob(head[b, [at[p] for p in range(lo, k)]] if keep else head[b, lo:k], target[:max(0, k - lo)])
             prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
             rows = sorted(((b, m) for b, (members, k) in enumerate(batch) for m in members if len(encoded[m][0]) > k),
                           key=lambda r: -(len(encoded[r[1]][0]) - batch[r[0]][1]))
-            tail: dict[int, Any] = {}
             for r0 in range(0, len(rows), batch_size):  # the tokens after the prefix, by length, on copies of the cache
                 chunk = rows[r0:r0 + batch_size]
                 pick = torch.tensor([b for b, _ in chunk], device=device)
@@ -176,21 +181,24 @@ def score_requests(
                 pos = torch.tensor([batch[b][1] for b, _ in chunk], device=device)[:, None] + torch.arange(t_inp.shape[1], device=device)
                 logits = model(input_ids=t_inp, attention_mask=torch.cat([mask[pick], t_mask], 1),
                                position_ids=pos, use_cache=True, **{cache_kw: cache}).logits
-                tail.update((m, logits[i]) for i, (_, m) in enumerate(chunk))
-            for b, (members, k) in enumerate(batch):
-                for m in members:
+                for i, (b, m) in enumerate(chunk):
                     seq, target = encoded[m]
-                    lo = len(seq) - len(target)
-                    parts = []
-                    if lo < k:
-                        parts.append(head[b, [at[p] for p in range(lo, k)]] if keep else head[b, lo:k])
-                    if m in tail:
-                        parts.append(tail[m][max(lo, k) - k:len(seq) - k])
-                    logp = torch.cat(parts).float().log_softmax(-1)
-                    tgt = torch.tensor(target, device=logp.device)
-                    scores[m] = (logp.gather(-1, tgt[:, None]).sum().item(), len(target))
+                    k, lo = batch[b][1], len(seq) - len(target)
+                    total[m] += _logprob(logits[i, max(lo, k) - k:len(seq) - k], target[max(0, k - lo):])
+            for m, value in total.items():
+                scores[m] = (value, len(encoded[m][1]))
             advance(sum(len(members) for members, _ in batch))
     return scores
+
+
+def _logprob(logits: Any, target: list[int]) -> float:
+    """Sum of log-softmax(logits)[j, target[j]] (0 for no tokens)."""
+    import torch
+
+    if not target:
+        return 0.0
+    logp = logits.float().log_softmax(-1)
+    return logp.gather(-1, torch.tensor(target, device=logp.device)[:, None]).sum().item()
 
 
 def _normalise(logprob: float, n_tokens: int, continuation: str, norm: str) -> float:

@@ -25,12 +25,14 @@ Decisions left open by the spec, and ours:
   rule reactivated ~3.5% of the active weights in 40 steps on SmolLM2 at 70%, and SEFT without
   reactivation did better. Measured since: it reactivates only ~2% fewer positions than the plain
   rule (the first-order sensitivity of most small kept weights is near zero), and reactivation still
-  costs quality (results/repair-tuning.md, results/repair-140.md); a loss-scaled (second-order)
-  eviction cost is the next thing to try.
+  costs quality (results/repair-tuning.md, results/repair-140-v1.md). The gain is first order, so
+  only a first-order cost (`last`, `window`) binds the rule: the Fisher cost is orders of magnitude
+  smaller in these units (median ~1e-10 against gains of ~1e-8–1e-7 on SmolLM2), and with it the rule never
+  refuses a reactivation (results/repair-val40-nm.md); `window` is the default.
 - Eviction score (`evict_score`, issue 16): `last` is the first-order |W_eff ⊙ g| above; `window`
   averages |W_eff ⊙ g| over every micro-batch of the accumulation window, `fisher` is the OBD cost
-  ½ W_eff² · mean g² over the window (both from dense bf16 accumulators that live per layer only
-  during the window and are freed at the update); `wanda` is the pruning-time importance
+  ½ W_eff² · mean g² over the window (both from bf16 sums kept at the active positions only, which
+  live per layer during the window and are freed at the update); `wanda` is the pruning-time importance
   |W_eff|·‖X‖, `magnitude` |W_eff|, `random` uniform (ablations; rescaled to the `last` cost's mean
   over A so the gain rule can weigh them). `evict_blend` mixes the importance |W_eff|·‖X‖ into any
   cost. ‖X‖ is not in the prune manifest (Wanda keeps no statistics), so it is recomputed at the
