@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SEFT v2 validation (issue 16): Wanda 70%, 40 steps, seed 0, static vs seft-noregrow vs SEFT v1 (last-batch
+# SEFT v2 validation (issue 16): Wanda 70% (and 2:4 below), 40 steps, seed 0, static vs seft-noregrow vs SEFT v1 (last-batch
 # eviction, no caps) vs three SEFT v2 variants; perplexity on validation text only (shakespeare:valid in-domain,
 # commonsense:valid out). ~50 min on 2 quiet cores (two runs at a time). Writes results/repair-val40.md and .json.
 # Every row's options are written out in full (the SEFT defaults changed to the validated v2 variant, fcp, since):
@@ -24,4 +24,12 @@ BENCH_STEPS=40 BENCH_PATTERNS=2:4 BENCH_METHODS=seft@fcp,seft@fcpw,seft-noregrow
 BENCH_TASKS= BENCH_PPL_WINDOWS=16 BENCH_PPL_SOURCES=shakespeare:valid,commonsense:valid BENCH_JOBS=2 \
 BENCH_DAMAGE_WINDOWS=2 BENCH_NAME=repair-val40-nm BENCH_DIR=runs/val40 BENCH_RESULTS_DIR=results \
 BENCH_SETTINGS="{\"static\": {\"lr\": 0.001}, \"seft-noregrow\": {$FCP}, \"seft@fcp\": {$FCP}, \"seft@fcpw\": {$FCP, \"evict_score\": \"window\"}}" \
+.venv/bin/python bench/bench_repair.py
+# Capacity (session 9): SEFT at ρ 0.3 — as many trainable values as static's active weights at 70% (31.85 M; static
+# trains 53.08 M at 2:4) — at lr 2e-3 and 1e-3, beside fcpw at ρ 0.1 and static; results/repair-val40-rho.md.
+FCPW="$FCP, \"evict_score\": \"window\""
+BENCH_STEPS=40 BENCH_PATTERNS=0.7,2:4 BENCH_METHODS=static,seft@fcpw,seft@r30,seft@r30l BENCH_SEEDS=0 BENCH_DENSE_REF=0 \
+BENCH_TASKS= BENCH_PPL_WINDOWS=16 BENCH_PPL_SOURCES=shakespeare:valid,commonsense:valid BENCH_JOBS=2 \
+BENCH_DAMAGE_WINDOWS=2 BENCH_NAME=repair-val40-rho BENCH_DIR=runs/val40 BENCH_RESULTS_DIR=results \
+BENCH_SETTINGS="{\"static\": {\"lr\": 0.001}, \"seft@fcpw\": {$FCPW}, \"seft@r30\": {$FCPW, \"density\": 0.3}, \"seft@r30l\": {$FCPW, \"density\": 0.3, \"lr\": 0.001}}" \
 .venv/bin/python bench/bench_repair.py
