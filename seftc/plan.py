@@ -282,6 +282,9 @@ def plan_repair(s: ModelShape, method: str = "seft", *, batch_size: int = 4, seq
         p.terms["adapters + grads + optimizer"] = lora * 4 * 4 // shard
         if method == "masked-lora":
             p.terms["masks"] = _packed(s.target_params)
+            # the masked update s·B·A is rebuilt per layer in its forward and backward (not kept between them):
+            # two fp32 temporaries, the unpacked mask and the copy in the weights' dtype
+            training["dense update (one layer)"] = s.max_target_numel * (2 * 4 + 1 + d)
         if method in ("lora-merge", "masked-lora"):
             p.terms["merge (one layer)"] = s.max_target_numel * (4 + d)
     training["activations"] = _training_activations(s, max(1, batch_size // nproc), seqlen, grad_checkpointing)

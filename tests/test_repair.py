@@ -226,6 +226,36 @@ def test_active_values_linear_gathers_gradients_at_the_mask_and_merges_back():
         assert half.values.dtype == dtype and half(x.to(dtype)).dtype == dtype
 
 
+def test_masked_lora_update_gradients_without_saving_the_dense_update():
+    """masked-lora's update x·(M ⊙ s·B·A)ᵀ: output and gradients (x, A, B) are those of the plain
+    expression, and autograd keeps no [out, in] tensor from the forward to the backward (the
+    dense update is rebuilt one layer at a time in the backward)."""
+    from seftc.prune.masks import PackedMask
+    from seftc.repair.methods import _MaskedLoraUpdate
+
+    torch.manual_seed(0)
+    out_f, in_f, r, s = 12, 20, 3, 2.0
+    mask = torch.rand(out_f, in_f) < 0.4
+    for x_dtype, ad_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        a0, b0 = torch.randn(r, in_f, dtype=ad_dtype), torch.randn(out_f, r, dtype=ad_dtype)
+        x0 = torch.randn(2, 5, in_f).to(x_dtype)
+        g = torch.randn(2, 5, out_f).to(x_dtype)
+        ref = [t.clone().requires_grad_(True) for t in (x0, a0, b0)]
+        want = torch.nn.functional.linear(ref[0], (((ref[2] @ ref[1]) * s) * mask).to(x_dtype))
+        want.backward(g)
+        got_in = [t.clone().requires_grad_(True) for t in (x0, a0, b0)]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            got = _MaskedLoraUpdate.apply(*got_in, s, PackedMask.pack(mask))
+        got.backward(g)
+        assert (out_f, in_f) not in saved and saved, saved
+        tol = dict(atol=0, rtol=0) if x_dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+        torch.testing.assert_close(got, want, **tol)
+        for mine, theirs in zip(got_in, ref):
+            assert mine.grad.dtype == theirs.grad.dtype
+            torch.testing.assert_close(mine.grad, theirs.grad, **(tol if x_dtype == torch.float32 else dict(atol=0.1, rtol=0.05)))
+
+
 # -- end to end ----------------------------------------------------------------------------------
 # SEFT v2 options (issue 16): window / Fisher eviction scores, importance blend, caps, cool-down, the pull to the base
 V2 = dict(evict_score="fisher", grow_candidates="window", row_cap=0.2, reactivation_cap=0.05, evict_cooldown=1, delta_decay=0.5)

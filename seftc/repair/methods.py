@@ -314,12 +314,43 @@ class LoraMethod(_TorchOptimMethod):
         return final
 
 
+class _MaskedLoraUpdate(torch.autograd.Function):
+    """x · (M ⊙ s·B·A)ᵀ with the dense update rebuilt in the backward, not saved by autograd.
+
+    Left to autograd, every target layer would keep its dense s·B·A (in the adapters' dtype), its
+    copy in x's dtype and the unpacked mask from its forward to its backward, so the whole model's
+    worth of dense updates is alive at the start of the backward (at 1.1 B, more than static's
+    whole trained state). Here only x, A and B are kept; the dense update and its gradient exist
+    one layer at a time. Gradients are those of the plain expression (tested)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, mask: PackedMask) -> torch.Tensor:
+        ctx.save_for_backward(x, a, b)
+        ctx.scaling, ctx.mask = scaling, mask
+        return F.linear(x, _masked_update(a, b, scaling, mask).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, a, b = ctx.saved_tensors
+        gx = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ _masked_update(a, b, ctx.scaling, ctx.mask).to(g.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gu = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # ∂/∂(update in x's dtype), [out, in]
+            gu = (gu.to(a.dtype) * ctx.mask.unpack()) * ctx.scaling
+            ga = b.t() @ gu if ctx.needs_input_grad[1] else None
+            gb = gu @ a.t() if ctx.needs_input_grad[2] else None
+        return gx, ga, gb, None, None
+
+
+def _masked_update(a: torch.Tensor, b: torch.Tensor, scaling: float, mask: PackedMask) -> torch.Tensor:
+    return (b @ a) * scaling * mask.unpack()  # the bool mask lives only during this product
+
+
 def _masked_lora_forward(mask: PackedMask) -> Callable:
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        base = self.get_base_layer()
         a, b = self.lora_A["default"].weight, self.lora_B["default"].weight
-        update = (b @ a) * self.scaling["default"] * mask.unpack()  # the bool mask lives only during this product
-        return base(x) + F.linear(x, update.to(x.dtype))
+        return self.get_base_layer()(x) + _MaskedLoraUpdate.apply(x, a, b, self.scaling["default"], mask)
 
     return forward
 
