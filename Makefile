@@ -48,17 +48,19 @@ bench-repair: install
 
 # The issue's goal budget (140 steps × 4 × 256) for SEFT against static and the no-regrow ablation,
 # 3 seeds each, Wanda 70% and 2:4, with the settings tuned on shakespeare:valid
-# (results/repair-tuning.md), eviction damage logged per update; ~9 h on 2 cores.
+# (results/repair-tuning.md), eviction damage logged per update, and SEFT at ρ 0.3 (seft@r30l); ~12 h on 2 cores.
 SEFT_140 = "lr": 0.002, "density": 0.1, "init": "gradient", "update_interval": 10
 # SEFT v2 as validated (results/repair-val40.md, variant fcpw): window-mean |W·g| eviction (the gain rule's
 # own units), per-row and per-update caps, the pull of δ toward the pruned base, no reactivation in the last quarter.
 SEFT_V2 = $(SEFT_140), "reactivation": "gain", "evict_score": "window", "row_cap": 0.02, "reactivation_cap": 0.005, \
 	"delta_decay": 2.0, "reactivation_stop": 0.75
+# SEFT at static's capacity (ρ 0.3 = the active weights at 70%), the best SEFT on validation (results/repair-val40-rho.md)
+SEFT_R30L = "density": 0.3, "lr": 0.001
 bench-repair-140: install
-	BENCH_STEPS=140 BENCH_PATTERNS=0.7,2:4 BENCH_METHODS=seft,static,seft-noregrow BENCH_SEEDS=0,1,2 BENCH_DENSE_REF=0 \
+	BENCH_STEPS=140 BENCH_PATTERNS=0.7,2:4 BENCH_METHODS=seft,static,seft-noregrow,seft@r30l BENCH_SEEDS=0,1,2 BENCH_DENSE_REF=0 \
 	BENCH_TASKS=piqa,arc_easy BENCH_LIMIT=200 BENCH_PPL_WINDOWS=16 BENCH_JOBS=2 BENCH_NAME=repair-140 \
 	BENCH_DIR=runs/bench-repair-140 \
-	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_V2)}, "seft-noregrow": {$(SEFT_140)}}' \
+	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_V2)}, "seft-noregrow": {$(SEFT_140)}, "seft@r30l": {$(SEFT_V2), $(SEFT_R30L)}}' \
 	$(BIN)/python bench/bench_repair.py
 
 # The paper's setting: repair on the commonsense instruction mix (commonsense:train), Wanda 50% and
