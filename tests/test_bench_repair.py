@@ -58,9 +58,12 @@ def test_cached_rows_compare_only_their_method_family_fields():
 
 def test_bench_140_covers_noregrow_and_2of4():
     env = _make_env("bench-repair-140")
-    assert env["BENCH_METHODS"].split(",") == ["seft", "static", "seft-noregrow"]
+    assert env["BENCH_METHODS"].split(",") == ["seft", "static", "seft-noregrow", "seft@r30l"]
     assert env["BENCH_PATTERNS"].split(",") == ["0.7", "2:4"] and env["BENCH_SEEDS"] == "0,1,2"
-    assert set(json.loads(env["BENCH_SETTINGS"])) == {"seft", "static", "seft-noregrow"}
+    settings = json.loads(env["BENCH_SETTINGS"])
+    assert set(settings) == {"seft", "static", "seft-noregrow", "seft@r30l"}
+    # SEFT at static's capacity: the SEFT options with ρ 0.3 and lr 1e-3 (the later keys win)
+    assert settings["seft@r30l"] == {**settings["seft"], "density": 0.3, "lr": 0.001}
 
 
 @pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["seft-2-tasks", "all"])
