@@ -161,6 +161,7 @@ def plot(table: list[dict], sources: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colors = {"seft": "#c44e52", "masked-lora": "#4c72b0", "lora-merge": "#55a868", "static": "#000000"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -174,6 +175,8 @@ def plot(table: list[dict], sources: list[str], path: Path) -> None:
         ax.set_xlabel(f"peak RSS of 2 repair steps at the {SHAPE} shape (GiB)")
         ax.set_ylabel(f"perplexity, {source} (lower is better)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # plain numbers, not 6.8×10¹
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
