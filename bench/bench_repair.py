@@ -21,7 +21,10 @@ Protocol (printed into results/repair.md):
   BENCH_DAMAGE_WINDOWS windows of BENCH_EVAL_DATA (in-domain validation) and BENCH_OOD_DATA
   (out-of-domain validation), mean increase per update; 0 windows turns the log off;
 - final sparsity counted from the saved weights; s/step is the training loop only; peak RSS is
-  the run's process high-water mark;
+  the run's process high-water mark (of the resumed process for a row with `resumed_from_step`:
+  runs write a checkpoint every BENCH_CHECKPOINT_EVERY steps, default 10, and an interrupted run
+  continues from it bit-identically; one interrupted in its evaluation is evaluated again without
+  training);
 - reference row `dense+train`: the dense model trained (all weights of the target layers,
   mask of ones) with static's options, data and budget.
 """
@@ -65,6 +68,8 @@ DENSE_REF = os.environ.get("BENCH_DENSE_REF", "1") == "1"
 # while the others run: compare rows of one benchmark, not across machines).
 JOBS = int(os.environ.get("BENCH_JOBS", 1))
 NAME = os.environ.get("BENCH_NAME", "repair")  # results/NAME.md and results/NAME.json
+# a repair run writes a checkpoint every N steps (0: never), so a run interrupted (a session's end) continues from it
+CHECKPOINT_EVERY = int(os.environ.get("BENCH_CHECKPOINT_EVERY", 10))
 
 
 def _pruned(pattern: str) -> Path:
@@ -124,20 +129,61 @@ def _repair_options(method: str, seed: int) -> dict:
             **SETTINGS.get(method, {})}
 
 
-def worker(src: str, method: str, seed: int, out: str) -> dict:
+def _train(src: str, method: str, seed: int, out: str) -> dict:
+    """Repair `src` into `out` (resuming from OUT.checkpoint when an interrupted run of the same options and
+    code left one there) and the row's training part."""
+    from seftc.errors import SeftcError
+    from seftc.repair import checkpoint
     from seftc.repair.api import repair
 
-    result = repair(src, output=out, force=True, allow_dense=True, **_repair_options(method, seed))
+    options = _repair_options(method, seed)
+    ckpt = checkpoint.default_dir(Path(out))
+    resumed_from = None
+    latest = checkpoint.latest_step(ckpt) if CHECKPOINT_EVERY and ckpt.is_dir() else None
+    if latest is not None:
+        try:
+            resumed_from = json.loads((latest / "meta.json").read_text())["step"]
+            result = repair(src, output=out, force=True, allow_dense=True, resume=True, checkpoint_every=CHECKPOINT_EVERY, **options)
+        except (SeftcError, OSError, KeyError, ValueError) as e:  # another run's checkpoint (options, input or code): start again
+            print(f"[bench-repair] {out}: not resumed ({e}); training from step 0", file=sys.stderr, flush=True)
+            latest = resumed_from = None
+    if latest is None:
+        result = repair(src, output=out, force=True, allow_dense=True, checkpoint_every=CHECKPOINT_EVERY, **options)
     cfg = result.manifest.config
     stats = result.manifest.layer_stats or {}
-    row = {"method": method, "seed": seed, "options": SETTINGS.get(method, {}), "lr": cfg["learning_rate"],
-           "s_per_step": cfg["s_per_step"], "peak_rss_mib": cfg["peak_rss_mib"], "trainable": cfg.get("trainable_params"),
-           "regrown": sum(v.get("regrown", 0) for v in stats.values()),
-           "positions_moved": sum(v.get("positions_left", 0) for v in stats.values()),
-           "rows_emptied": sum(v.get("rows_emptied", 0) for v in stats.values()),
-           "update_damage": result.history.get("update_damage", [])}
-    del result
-    row.update(evaluate(out, tasks=seed == SEEDS[0] and method in TASK_METHODS and "dense-0" not in src))
+    return {"method": method, "seed": seed, "options": SETTINGS.get(method, {}), "lr": cfg["learning_rate"],
+            "s_per_step": cfg["s_per_step"], "peak_rss_mib": cfg["peak_rss_mib"], "trainable": cfg.get("trainable_params"),
+            "regrown": sum(v.get("regrown", 0) for v in stats.values()),
+            "positions_moved": sum(v.get("positions_left", 0) for v in stats.values()),
+            "rows_emptied": sum(v.get("rows_emptied", 0) for v in stats.values()),
+            "update_damage": result.history.get("update_damage", []),
+            **({"resumed_from_step": resumed_from} if resumed_from is not None else {})}
+
+
+def worker(src: str, method: str, seed: int, out: str) -> dict:
+    """One repair run and its evaluation. The training part of the row is kept beside OUT once OUT is written
+    (OUT.trained.json, with the options and the repair code it ran with), so an evaluation that is interrupted
+    is redone without training again; an interrupted training continues from its last checkpoint
+    (every BENCH_CHECKPOINT_EVERY steps): both bit-identical to an uninterrupted run, and only s/step and peak
+    RSS are then of the resumed process (the row says `resumed_from_step`)."""
+    from seftc.repair import checkpoint
+    from seftc.repair.config import make_repair_config
+
+    trained = Path(out).with_name(Path(out).name + ".trained.json")
+    ident = {"config": make_repair_config(**_repair_options(method, seed)).model_dump(), "code": checkpoint.code_version(),
+             "src": str(Path(src).resolve())}
+    ident = json.loads(json.dumps(ident))
+    kept = json.loads(trained.read_text()) if trained.is_file() else None
+    if kept is not None and kept.get("identity") == ident and (Path(out) / "seftc_manifest.json").is_file():
+        row = kept["row"]
+        print(f"[bench-repair] {out}: trained already ({trained.name}); evaluating", file=sys.stderr, flush=True)
+    else:
+        trained.unlink(missing_ok=True)
+        row = _train(src, method, seed, out)
+        tmp = trained.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"identity": ident, "row": row}))
+        tmp.replace(trained)
+    row = {**row, **evaluate(out, tasks=seed == SEEDS[0] and method in TASK_METHODS and "dense-0" not in src)}
     return row
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = str(Path(__file__).with_name("data") / "sonnets.txt")
@@ -135,3 +136,57 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     assert seft[0]["trainable"] < seft[1]["trainable"] and seft[0]["plan_7b"] < seft[1]["plan_7b"]
     text = (tmp_path / "results" / "repair-curve.md").read_text()
     assert "Pareto front" in text and "Not yet measured" not in text and (tmp_path / "results" / "repair-curve.png").is_file()
+
+
+def test_interrupted_bench_run_resumes_and_an_interrupted_evaluation_skips_training(tiny_dir, tmp_path, monkeypatch):
+    """A benchmark run killed mid-training (a session's end) continues from its last checkpoint, and one killed
+    during its evaluation is evaluated again without training: both give the uninterrupted run's row."""
+    from safetensors.torch import load_file
+
+    from seftc.repair import checkpoint
+
+    tiny = {"BENCH_MODEL": str(tiny_dir), "BENCH_STEPS": "6", "BENCH_TASKS": "", "BENCH_PPL_WINDOWS": "1", "BENCH_PPL_SEQLEN": "32",
+            "BENCH_SEQLEN": "32", "BENCH_CALIB": TEXT, "BENCH_CALIB_N": "4", "BENCH_CALIB_SEQLEN": "32", "BENCH_DIR": str(tmp_path / "work"),
+            "BENCH_DAMAGE_WINDOWS": "1", "BENCH_CHECKPOINT_EVERY": "2",
+            "BENCH_SETTINGS": json.dumps({"seft": {"update_interval": 2, "accumulation": 1, "density": 0.05, "init": "gradient",
+                                                "reactivation": "always", "row_cap": 0.2, "reactivation_cap": 0.05}})}
+    for k, v in tiny.items():
+        monkeypatch.setenv(k, v)
+    bench = _module("bench_repair")
+    bench.WORK.mkdir()
+    src = str(bench._pruned("0.7"))
+    ref = bench.worker(src, "seft", 0, str(tmp_path / "ref"))
+    assert ref["regrown"] > 0 and len(ref["update_damage"]) == 2 and "resumed_from_step" not in ref
+
+    save = checkpoint.Checkpoints.save
+
+    def save_then_die(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "work" / "run"
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bench.worker(src, "seft", 0, str(out))
+    assert not out.exists() and checkpoint.latest_step(checkpoint.default_dir(out)) is not None
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    row = bench.worker(src, "seft", 0, str(out))
+    assert row.pop("resumed_from_step") == 4
+    keys = ("regrown", "positions_moved", "rows_emptied", "trainable", "update_damage", "ppl_in", "ppl_out", "sparsity")
+    assert {k: row[k] for k in keys} == {k: ref[k] for k in keys}
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not checkpoint.default_dir(out).exists()
+
+    # killed during the evaluation: the kept training part is reused, nothing is trained again
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(bench, "_train", no_training)
+    again = bench.worker(src, "seft", 0, str(out))
+    assert again == {**row, "resumed_from_step": 4}
+    # other options: the kept part is not theirs, so the run trains
+    bench.SETTINGS["seft"] = {**bench.SETTINGS["seft"], "density": 0.1}
+    with pytest.raises(AssertionError, match="trained again"):
+        bench.worker(src, "seft", 0, str(out))
