@@ -34,12 +34,15 @@ BENCH_DAMAGE_WINDOWS=2 BENCH_NAME=repair-val40-rho BENCH_DIR=runs/val40 BENCH_RE
 BENCH_SETTINGS="{\"static\": {\"lr\": 0.001}, \"seft@fcpw\": {$FCPW}, \"seft@r30\": {$FCPW, \"density\": 0.3}, \"seft@r30l\": {$FCPW, \"density\": 0.3, \"lr\": 0.001}}" \
 .venv/bin/python bench/bench_repair.py
 # LoRA baselines' learning rate (session 10): masked LoRA (SQFT-like) and LoRA-merge at their default rank, lr 5e-4
-# (the untuned default so far), 1e-3 and 2e-3, beside static; the same validation texts and budget as every method
+# (the untuned default so far) up to 2e-2, beside static; the same validation texts and budget as every method
 # above (static's lr and SEFT's options were chosen the same way); results/repair-val40-lora.md.
 LORA="\"masked-lora@lr5e-4\": {\"lr\": 0.0005}, \"masked-lora@lr1e-3\": {\"lr\": 0.001}, \"masked-lora@lr2e-3\": {\"lr\": 0.002}, \
-\"lora-merge@lr5e-4\": {\"lr\": 0.0005}, \"lora-merge@lr1e-3\": {\"lr\": 0.001}, \"lora-merge@lr2e-3\": {\"lr\": 0.002}"
+\"masked-lora@lr5e-3\": {\"lr\": 0.005}, \"lora-merge@lr5e-4\": {\"lr\": 0.0005}, \"lora-merge@lr1e-3\": {\"lr\": 0.001}, \
+\"lora-merge@lr2e-3\": {\"lr\": 0.002}, \"lora-merge@lr5e-3\": {\"lr\": 0.005}, \"masked-lora@lr1e-2\": {\"lr\": 0.01}, \
+\"masked-lora@lr2e-2\": {\"lr\": 0.02}, \"lora-merge@lr1e-2\": {\"lr\": 0.01}, \"lora-merge@lr2e-2\": {\"lr\": 0.02}"
 BENCH_STEPS=40 BENCH_PATTERNS=0.7 BENCH_SEEDS=0 BENCH_DENSE_REF=0 BENCH_TASKS= BENCH_PPL_WINDOWS=16 \
-BENCH_METHODS=static,masked-lora@lr5e-4,masked-lora@lr1e-3,masked-lora@lr2e-3,lora-merge@lr5e-4,lora-merge@lr1e-3,lora-merge@lr2e-3 \
+BENCH_METHODS=static,masked-lora@lr5e-4,masked-lora@lr1e-3,masked-lora@lr2e-3,masked-lora@lr5e-3,lora-merge@lr5e-4,lora-merge@lr1e-3,\
+lora-merge@lr2e-3,lora-merge@lr5e-3,masked-lora@lr1e-2,masked-lora@lr2e-2,lora-merge@lr1e-2,lora-merge@lr2e-2 \
 BENCH_PPL_SOURCES=shakespeare:valid,commonsense:valid BENCH_JOBS=2 BENCH_DAMAGE_WINDOWS=2 BENCH_NAME=repair-val40-lora \
 BENCH_DIR=runs/val40 BENCH_RESULTS_DIR=results BENCH_SETTINGS="{\"static\": {\"lr\": 0.001}, $LORA}" \
 .venv/bin/python bench/bench_repair.py

@@ -11,7 +11,8 @@ from seftc.errors import SeftcError, validated
 
 METHODS = ("seft", "static", "lora-merge", "masked-lora", "seft-noregrow", "lora-dense")
 # Tuned on shakespeare:valid for SmolLM2-135M at Wanda 70% (results/repair-tuning.md).
-DEFAULT_LR = {"seft": 2e-3, "seft-noregrow": 2e-3, "static": 1e-3, "lora-merge": 5e-4, "masked-lora": 5e-4, "lora-dense": 5e-4}
+# LoRA baselines: tuned on validation text in session 10 (results/repair-val40-lora.md); lora-dense (a reference) is not tuned
+DEFAULT_LR = {"seft": 2e-3, "seft-noregrow": 2e-3, "static": 1e-3, "lora-merge": 1e-2, "masked-lora": 1e-2, "lora-dense": 5e-4}
 
 
 _LR_HELP = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
