@@ -166,6 +166,7 @@ def worker(src: str, method: str, seed: int, out: str) -> dict:
     is redone without training again; an interrupted training continues from its last checkpoint
     (every BENCH_CHECKPOINT_EVERY steps): both bit-identical to an uninterrupted run, and only s/step and peak
     RSS are then of the resumed process (the row says `resumed_from_step`)."""
+    from seftc.models.saving import atomic_file
     from seftc.repair import checkpoint
     from seftc.repair.config import make_repair_config
 
@@ -180,9 +181,8 @@ def worker(src: str, method: str, seed: int, out: str) -> dict:
     else:
         trained.unlink(missing_ok=True)
         row = _train(src, method, seed, out)
-        tmp = trained.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"identity": ident, "row": row}))
-        tmp.replace(trained)
+        with atomic_file(trained) as tmp:
+            tmp.write_text(json.dumps({"identity": ident, "row": row}))
     row = {**row, **evaluate(out, tasks=seed == SEEDS[0] and method in TASK_METHODS and "dense-0" not in src)}
     return row
 
