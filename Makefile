@@ -57,7 +57,7 @@ SEFT_V2 = $(SEFT_140), "reactivation": "gain", "evict_score": "window", "row_cap
 # SEFT at static's capacity (ρ 0.3 = the active weights at 70%), the best SEFT on validation (results/repair-val40-rho.md)
 SEFT_R30L = "density": 0.3, "lr": 0.001
 bench-repair-140: install
-	BENCH_STEPS=140 BENCH_PATTERNS=0.7,2:4 BENCH_METHODS=seft,static,seft-noregrow,seft@r30l BENCH_SEEDS=0,1,2 BENCH_DENSE_REF=0 \
+	BENCH_STEPS=140 BENCH_PATTERNS=0.7,2:4 BENCH_METHODS=seft,static,seft-noregrow,seft@r30l,masked-lora BENCH_SEEDS=0,1,2 BENCH_DENSE_REF=0 \
 	BENCH_TASKS=piqa,arc_easy BENCH_LIMIT=200 BENCH_PPL_WINDOWS=16 BENCH_JOBS=2 BENCH_NAME=repair-140 \
 	BENCH_DIR=runs/bench-repair-140 \
 	BENCH_SETTINGS='{"static": {"lr": 0.001}, "seft": {$(SEFT_V2)}, "seft-noregrow": {$(SEFT_140)}, "seft@r30l": {$(SEFT_V2), $(SEFT_R30L)}}' \

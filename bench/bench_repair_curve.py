@@ -5,7 +5,7 @@ Protocol (written into results/repair-curve.md and .json, the plot into results/
 - quality: each point is one `make bench-repair-140` run (bench/bench_repair.py with that target's
   settings: SmolLM2-135M, Wanda 70%, 140 steps × 4 × 256 tokens of shakespeare:train, seed 0,
   perplexity on shakespeare:test in-domain and LAMBADA out-of-domain); its rows are cached in the
-  same folder, so the SEFT (ρ 0.1) and static points are that benchmark's own seed-0 rows;
+  same folder, so the SEFT (ρ 0.1), masked LoRA (rank 8) and static points are that benchmark's own seed-0 rows;
   every point keeps its method's options of that target and changes only ρ or the rank;
 - memory: the same method and options, 2 steps × 1 × 256 tokens on the random-weight 1.1 B
   LLaMA shape (bench/bench_scale.py's, bf16) pruned by Wanda to the same 70%, each run in its own
@@ -59,15 +59,18 @@ def make_env(target: str = "bench-repair-140") -> dict[str, str]:
 
 def points(settings: dict) -> list[dict]:
     """Each point: its label, the bench_repair method name (NAME@variant), the method, and its options."""
+    from seftc.repair.config import RepairConfig
+
     out = []
     seft = settings.get("seft", {})
+    default_rank = RepairConfig.model_fields["lora_r"].default
     for rho in DENSITIES:
         name = "seft" if rho == seft.get("density") else f"seft@rho{rho:g}"
         out.append({"label": f"seft ρ={rho:g}", "name": name, "method": "seft", "options": {**seft, "density": rho}})
     for method in LORAS:
         for r in RANKS:
             base = settings.get(method, {})
-            name = method if r == base.get("lora_r") else f"{method}@r{r}"
+            name = method if r == base.get("lora_r", default_rank) else f"{method}@r{r}"
             out.append({"label": f"{method} r={r}", "name": name, "method": method, "options": {**base, "lora_r": r}})
     out.append({"label": "static", "name": "static", "method": "static", "options": settings.get("static", {})})
     return out

@@ -59,7 +59,8 @@ def test_cached_rows_compare_only_their_method_family_fields():
 
 def test_bench_140_covers_noregrow_and_2of4():
     env = _make_env("bench-repair-140")
-    assert env["BENCH_METHODS"].split(",") == ["seft", "static", "seft-noregrow", "seft@r30l"]
+    # masked LoRA at its tuned default lr (1e-2; ahead of static on validation at 40 steps), seed 0 only
+    assert env["BENCH_METHODS"].split(",") == ["seft", "static", "seft-noregrow", "seft@r30l", "masked-lora"]
     assert env["BENCH_PATTERNS"].split(",") == ["0.7", "2:4"] and env["BENCH_SEEDS"] == "0,1,2"
     settings = json.loads(env["BENCH_SETTINGS"])
     assert set(settings) == {"seft", "static", "seft-noregrow", "seft@r30l"}
@@ -115,7 +116,7 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     curve = _module("bench_repair_curve")
     pts = curve.points(json.loads(_make_env("bench-repair-140")["BENCH_SETTINGS"]))
     assert [p["label"] for p in pts if p["method"] == "seft"] == [f"seft ρ={r:g}" for r in curve.DENSITIES]
-    assert {p["name"] for p in pts} >= {"seft", "static"}  # bench-repair-140's own rows at its ρ
+    assert {p["name"] for p in pts} >= {"seft", "static", "masked-lora"}  # bench-repair-140's own rows at its ρ and default rank
     assert all(p["options"]["evict_score"] == "window" for p in pts if p["method"] == "seft")
     assert curve.pareto({"a": (1.0, 5.0), "b": (2.0, 4.0), "c": (2.0, 6.0), "d": (1.0, 5.0)}) == {"a", "b", "d"}
     env = {**os.environ, "BENCH_MODEL": str(tiny_dir), "BENCH_STEPS": "2", "BENCH_SEQLEN": "32", "BENCH_CALIB": TEXT, "BENCH_CALIB_N": "4",
