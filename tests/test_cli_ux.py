@@ -1,6 +1,7 @@
 """A new user's first hour (issue 14): progress visible in logs, full-width tables when piped,
 helpful errors (typo'd command, --set), what an interrupted run kept, file modes, pickle files,
 packing a dense model."""
+import json
 import os
 import stat
 import subprocess
@@ -297,3 +298,29 @@ def test_optional_numbers_with_a_default_take_none():
     bad = CliRunner().invoke(probe, ["--row-cap", "lots"])
     assert bad.exit_code == 2 and "neither a number nor 'none'" in bad.output and "Traceback" not in bad.output
     assert CliRunner().invoke(probe, ["--steps", "none"]).exit_code == 2  # a number without a None: none is no value
+
+
+def test_a_run_whose_loss_ends_above_its_start_warns():
+    """A finite divergence passes the loop's non-finite check: the finished run says so (CLI, manifest, report)."""
+    from seftc.repair.config import loss_warnings
+
+    falling = [[s, 7.0 - 0.1 * s] for s in range(1, 31)]
+    assert loss_warnings(falling, 1e-3) == [] and loss_warnings(falling[:1], 1e-3) == []
+    diverged = [[s, 6.9 - 0.2 * s if s < 10 else 10.0] for s in range(1, 31)]  # down, then up and stuck above the start
+    (warning,) = loss_warnings(diverged, 1e-2)
+    assert "6.500 over the first 3 steps → 10.000 over the last 3" in warning and "lower --lr (was 0.01)" in warning
+
+
+def test_a_finished_run_with_a_loss_warning_says_so_in_the_cli_and_the_manifest(pruned, tmp_path, monkeypatch):
+    """The wiring of the check above (a tiny random model's loss sits at its uniform floor and cannot be made to
+    diverge reliably): its lines reach stderr and the manifest's config."""
+    import seftc.repair.api as api
+
+    seen = []
+    monkeypatch.setattr(api, "loss_warnings", lambda losses, lr: seen.append((len(losses), lr)) or [f"training loss ended above (lr {lr:g})"])
+    code, _, stderr = run("repair", pruned, "-o", tmp_path / "r", "--data", TEXT, "--eval-data", TEXT, "--steps", "3", "--warmup", "0",
+                          "--seqlen", "32", "--lr", "0.5", "--method", "static", "--eval-every", "0")
+    assert code == 0, stderr
+    assert seen == [(3, 0.5)] and "warning: training loss ended above (lr 0.5)" in " ".join(stderr.split())
+    manifest = json.loads((tmp_path / "r" / "seftc_manifest.json").read_text())
+    assert manifest["config"]["warnings"] == ["training loss ended above (lr 0.5)"]

@@ -165,6 +165,10 @@ def test_no_topology_update_gives_a_note_instead_of_an_empty_plot(tiny_dir, tmp_
     report, md = _report(tiny_dir, tmp_path, [("repair", repair)], repair={"steps": 6, "update_interval": 10})
     assert "regrown_per_layer" not in report["plots"] and "loss_curves" in report["plots"]
     assert "No topology update happened" in md and "6 steps with an update every 10 steps" in md
+    assert "Warning" not in md
+    repair["manifest"]["config"] = {"warnings": ["training loss ended above where it started (3.000 → 9.000)"]}
+    _, md = _report(tiny_dir, tmp_path, [("repair", repair)], repair={"steps": 6, "update_interval": 10})
+    assert "**Warning**: training loss ended above where it started (3.000 → 9.000)." in md.split("## Repair")[1]
 
 
 def test_export_section_says_why_no_sparse_initializers(tiny_dir, tmp_path):

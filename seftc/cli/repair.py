@@ -61,6 +61,8 @@ def repair(model: str, output: str, resume: bool, force: bool, as_json: bool, ma
     else:
         regrown = sum(s.get("regrown", 0) for s in m.layer_stats.values())
         last = result.history["eval_loss"][-1][1] if result.history["eval_loss"] else float("nan")
+        for warning in m.config.get("warnings", []):
+            stderr.print(f"[yellow]warning:[/yellow] {warning}")
         stderr.print(f"[green]repaired[/green] with {m.method}: sparsity {m.sparsity:.4f} (target {m.target_sparsity:.4f}), "
                      f"held-out loss {last:.4f}, {regrown} positions regrown, {m.elapsed_s:.1f} s → {result.output}")
 

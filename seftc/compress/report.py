@@ -113,6 +113,7 @@ def write_report(run: Path, recipe: Recipe, models: dict[str, str], outcomes: li
         report["training"] = by["repair"].result.get("history", {})
         m = by["repair"].result.get("manifest", {})
         report["regrown_per_layer"] = {k: v.get("regrown", 0) for k, v in m.get("layer_stats", {}).items()}
+        report["repair_warnings"] = m.get("config", {}).get("warnings", [])
     if "bench" in by:
         report["speed"] = by["bench"].result.get("summary")
         if report["speed"]:
@@ -436,6 +437,8 @@ def _wall_time(report: dict[str, Any]) -> list[str]:
 def _repair_section(report: dict[str, Any]) -> list[str]:
     tr, rep = report["training"], report["recipe"].get("repair") or {}
     lines = ["## Repair", ""]
+    for warning in report.get("repair_warnings", []):
+        lines += [f"**Warning**: {warning}.", ""]
     if tr.get("eval_loss"):
         lines.append(f"Held-out loss {tr['eval_loss'][0][1]:.4f} → {tr['eval_loss'][-1][1]:.4f} "
                      f"(fixed windows of `{rep.get('eval_data')}`).")

@@ -32,7 +32,7 @@ from seftc.models.targets import Target, find_blocks, find_targets
 from seftc.prune.masks import PackedMask, mask_checksum, nm_holds, parse_pattern
 from seftc.progress import NO_PROGRESS, ProgressSink
 from seftc.repair import checkpoint, distributed, onload
-from seftc.repair.config import RepairConfig, make_repair_config
+from seftc.repair.config import RepairConfig, loss_warnings, make_repair_config
 from seftc.repair.data import TokenWindows
 from seftc.repair.importance import input_sq_norms
 from seftc.repair.methods import make_method
@@ -336,6 +336,7 @@ def repair(
     manifest.config["ranks"] = dist.world
     manifest.config["fsdp"] = dist.sharded
     manifest.config["ranks_agree"] = True
+    manifest.config["warnings"] = loss_warnings(history["train_loss"], cfg.learning_rate)
     saved = None
     if out is not None:
         saved = save_model(model_, loaded.tokenizer, out, {"seftc_manifest.json": manifest.to_json()}, masks=final_masks,
