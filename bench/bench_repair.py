@@ -16,7 +16,10 @@ Protocol (printed into results/repair.md):
 - gap closed = (ppl_pruned − ppl_method) / (ppl_pruned − ppl_dense);
 - accuracies: BENCH_TASKS, first BENCH_LIMIT eval items each (0: the whole eval part), with
   standard errors, for the first seed of the methods in BENCH_TASK_METHODS; "mean acc" is their
-  mean over the tasks, ± the pooled standard error sqrt(Σ se²) / number of tasks;
+  mean over the tasks, ± the pooled standard error sqrt(Σ se²) / number of tasks; rows keep which
+  items they got right, and every two scored rows of a pattern get their paired difference of the
+  mean (standard error from the per-item differences, pooled alike; BENCH_ITEMS_BACKFILL=1 scores
+  the saved models of rows cached before this again, and stops unless their accuracies repeat);
 - eviction damage (SEFT rows): held-out loss just before and after each topology update on
   BENCH_DAMAGE_WINDOWS windows of BENCH_EVAL_DATA (in-domain validation) and BENCH_OOD_DATA
   (out-of-domain validation), mean increase per update; 0 windows turns the log off;
@@ -51,6 +54,7 @@ SEEDS = [int(s) for s in os.environ.get("BENCH_SEEDS", "0").split(",")]
 NM_SEEDS = [int(s) for s in os.environ.get("BENCH_NM_SEEDS", ",".join(map(str, SEEDS))).split(",")]
 TASK_METHODS = os.environ.get("BENCH_TASK_METHODS", ",".join(METHODS)).split(",")  # accuracies for these (first seed)
 RENDER_ONLY = os.environ.get("BENCH_RENDER_ONLY") == "1"  # table from the rows already measured
+ITEMS_BACKFILL = os.environ.get("BENCH_ITEMS_BACKFILL") == "1"  # cached rows scored before per-item outcomes were kept: score again
 PPL_WINDOWS = int(os.environ.get("BENCH_PPL_WINDOWS", 32))
 PPL_SOURCES = os.environ.get("BENCH_PPL_SOURCES", "shakespeare:test,lambada").split(",")  # in-domain, out-of-domain
 PPL_SEQLEN = int(os.environ.get("BENCH_PPL_SEQLEN", 512))
@@ -95,7 +99,6 @@ def evaluate(folder: str, tasks: bool = True) -> dict:
     import torch
     from safetensors import safe_open
 
-    from seftc.eval.multiple_choice import evaluate_tasks
     from seftc.eval.perplexity import perplexity
     from seftc.models.loading import load_model
     from seftc.models.manifest import Manifest
@@ -105,8 +108,7 @@ def evaluate(folder: str, tasks: bool = True) -> dict:
     for key, source in zip(("ppl_in", "ppl_out"), PPL_SOURCES):
         row[key] = perplexity(loaded.model, loaded.tokenizer, source, seqlen=PPL_SEQLEN, limit=PPL_WINDOWS).ppl
     if tasks and TASKS:
-        res = evaluate_tasks(loaded.model, loaded.tokenizer, TASKS.split(","), limit=LIMIT)
-        row["tasks"] = {k: {"acc": v.acc, "stderr": v.acc_stderr, "n": v.n} for k, v in res.items()}
+        row["tasks"] = _task_scores(loaded)
     manifest = Manifest.load(Path(folder))
     if manifest is not None:
         names = {r.name + ".weight" for r in manifest.layers}
@@ -120,6 +122,39 @@ def evaluate(folder: str, tasks: bool = True) -> dict:
                         nz += int(torch.count_nonzero(t))
         row["sparsity"] = 1 - nz / total
     return row
+
+
+def _task_scores(loaded) -> dict:
+    """Accuracy of each of TASKS with its standard error, and which items it got right ("0"/"1" per item, in eval
+    order) for paired comparisons of two rows."""
+    from seftc.eval.multiple_choice import evaluate_tasks
+
+    res = evaluate_tasks(loaded.model, loaded.tokenizer, TASKS.split(","), limit=LIMIT)
+    return {k: {"acc": v.acc, "stderr": v.acc_stderr, "n": v.n, "correct": "".join("01"[c] for c in v.correct)} for k, v in res.items()}
+
+
+def _backfill_items(row: dict, args: list[str], cached: Path) -> dict:
+    """BENCH_ITEMS_BACKFILL=1: a cached row scored before rows kept their per-item outcomes gets them by scoring its
+    saved model again; the accuracies must come out as cached (the evaluation is deterministic), else it stops."""
+    folder = Path(args[1] if args[0] == "--eval" else args[4])
+    if not (folder / "config.json").is_file():
+        print(f"[bench-repair] {cached.stem}: {folder} is gone, per-item outcomes not backfilled", file=sys.stderr, flush=True)
+        return row
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // JOBS))} if JOBS > 1 else {})}
+    out = subprocess.run([sys.executable, __file__, "--tasks", str(folder)], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    if {k: v["acc"] for k, v in scores.items()} != {k: v["acc"] for k, v in row["tasks"].items()}:
+        raise SystemExit(f"bench-repair: {folder} scored again gives other accuracies than {cached} keeps; the row is left as it was")
+    row = {**row, "tasks": {k: {**v, "correct": scores[k]["correct"]} for k, v in row["tasks"].items()}}
+    _write_row(cached, row)
+    return row
+
+
+def _write_row(cached: Path, row: dict) -> None:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row))
+    tmp.replace(cached)
 
 
 def _repair_options(method: str, seed: int) -> dict:
@@ -247,6 +282,8 @@ def _spawn(args: list[str], key: str) -> dict:
             diff = sorted(k for k in inputs.keys() | row["inputs"].keys() if inputs.get(k) != row["inputs"].get(k))
             raise SystemExit(f"bench-repair: {cached} was measured with other {', '.join(diff)}; delete it to measure again "
                              "or set another BENCH_DIR")
+        if ITEMS_BACKFILL and not RENDER_ONLY and any("correct" not in t for t in row.get("tasks", {}).values()):
+            row = _backfill_items(row, args, cached)
         return row
     if RENDER_ONLY:
         return {}
@@ -255,10 +292,7 @@ def _spawn(args: list[str], key: str) -> dict:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // JOBS))
     out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
     row = {**json.loads(out.strip().splitlines()[-1]), "inputs": inputs}
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row))
-    tmp.replace(cached)
+    _write_row(cached, row)
     print(f"[bench-repair] {key} {json.dumps(row)}", file=sys.stderr, flush=True)
     return row
 
@@ -310,6 +344,24 @@ def mean_accuracy(tasks: dict) -> tuple[float, float]:
     """Mean accuracy over tasks and its pooled standard error sqrt(Σ se²) / n (tasks independent)."""
     n = len(tasks)
     return sum(t["acc"] for t in tasks.values()) / n, sum(t["stderr"] ** 2 for t in tasks.values()) ** 0.5 / n
+
+
+def paired_difference(a: dict, b: dict) -> tuple[float, float] | None:
+    """Mean over the tasks of acc(a) − acc(b), both scored on the same items, and its standard error from the
+    per-item differences (sd/√n per task, pooled over the tasks as in mean_accuracy). Far tighter than the two
+    unpaired errors when the models mostly agree. None unless both rows kept every task's per-item outcomes."""
+    if not a or set(a) != set(b):
+        return None
+    diffs, var = [], 0.0
+    for task, ta in a.items():
+        ca, cb = ta.get("correct"), (b.get(task) or {}).get("correct")
+        if not ca or not cb or len(ca) != len(cb):
+            return None
+        d = [int(x) - int(y) for x, y in zip(ca, cb)]
+        m = sum(d) / len(d)
+        diffs.append(m)
+        var += (sum((x - m) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else 0.0) / len(d)
+    return sum(diffs) / len(diffs), var**0.5 / len(diffs)
 
 
 def render(results: dict) -> str:
@@ -367,6 +419,19 @@ def render(results: dict) -> str:
                     gaps = [_gap(block["pruned"], dense, r, key) for r in rows]
                     cells.append(f"{statistics.mean(vals):.2f} (min {min(vals):.2f}, max {max(vals):.2f}; gap {statistics.mean(gaps):.1%})")
                 summary.append(f"| {pattern} | {method} | {len(rows)} | " + " | ".join(cells) + " |")
+    paired = []
+    for pattern, block in results["patterns"].items():
+        scored = [r for r in block["rows"] if r.get("tasks")]
+        for i, a in enumerate(scored):
+            for b in scored[i + 1:]:
+                pd = paired_difference(a["tasks"], b["tasks"])
+                if pd is not None:
+                    paired.append(f"| {pattern} | {a['method']} (s{a['seed']}) − {b['method']} (s{b['seed']}) | {pd[0] * 100:+.2f} "
+                                  f"| {pd[1] * 100:.2f} | {pd[0] / pd[1] if pd[1] else float('nan'):+.1f} |")
+    if paired:
+        lines += ["", "Paired differences of the mean accuracy (both rows scored on the same items; standard error from the "
+                  "per-item differences, pooled over the tasks):", "", "| pattern | rows | difference (points) | ± (points) | z |",
+                  "|---|---|---|---|---|", *paired]
     if summary:
         lines += ["", "Across seeds (mean, spread):", "", "| pattern | method | seeds | ppl in-domain | ppl out-of-domain |",
                   "|---|---|---|---|---|", *summary]
@@ -383,6 +448,10 @@ if __name__ == "__main__":
     hf_logging.disable_progress_bar()
     if len(sys.argv) == 3 and sys.argv[1] == "--eval":
         print(json.dumps(evaluate(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--tasks":
+        from seftc.models.loading import load_model
+
+        print(json.dumps(_task_scores(load_model(sys.argv[2]))))
     elif len(sys.argv) == 6 and sys.argv[1] == "--worker":
         print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))
     else:

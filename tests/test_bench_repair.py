@@ -93,6 +93,8 @@ def test_bench_repair_commonsense_on_tiny_settings(tiny_dir, tmp_path, full):
     rows = results["patterns"]["0.7"]["rows"]
     assert {row["method"] for row in rows} == set(methods)
     assert all(set(row["tasks"]) == set(tasks) and all("stderr" in t for t in row["tasks"].values()) for row in rows)
+    # which items each row got right, for paired comparisons: as many as were scored, and as many right as the accuracy says
+    assert all(len(t["correct"]) == t["n"] and t["correct"].count("1") == round(t["acc"] * t["n"]) for row in rows for t in row["tasks"].values())
     seft = next(row for row in rows if row["method"] == "seft")
     assert len(seft["update_damage"]) == 1 and "out_before" in seft["update_damage"][0]
     table = (tmp_path / "results" / "repair-commonsense.md").read_text()
@@ -104,6 +106,20 @@ def test_bench_repair_commonsense_on_tiny_settings(tiny_dir, tmp_path, full):
     again = subprocess.run(bench, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "[bench-repair]" not in again.stderr, again.stderr[-2000:]
     assert json.loads((tmp_path / "results" / "repair-commonsense.json").read_text())["patterns"] == results["patterns"]
+    # rows cached before per-item outcomes were kept get them by scoring their saved model again (the same accuracies)
+    cached = tmp_path / "work" / "rows" / "pruned-0.7-seft-s0.json"
+    full_row = json.loads(cached.read_text())
+    cached.write_text(json.dumps({**full_row, "tasks": {k: {f: v for f, v in t.items() if f != "correct"} for k, t in full_row["tasks"].items()}}))
+    backfill = subprocess.run(bench, cwd=ROOT, env={**run_env, "BENCH_ITEMS_BACKFILL": "1"}, capture_output=True, text=True, timeout=300)
+    assert backfill.returncode == 0, backfill.stderr[-2000:]
+    assert json.loads(cached.read_text()) == full_row
+    task = tasks[0]
+    tampered = {**full_row, "tasks": {**full_row["tasks"], task: {"acc": 1.5 - full_row["tasks"][task]["acc"], "stderr": 0.0, "n": 2}}}
+    cached.write_text(json.dumps(tampered))
+    refused = subprocess.run(bench, cwd=ROOT, env={**run_env, "BENCH_ITEMS_BACKFILL": "1"}, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "scored again gives other accuracies" in refused.stderr and "Traceback" not in refused.stderr
+    assert json.loads(cached.read_text()) == tampered  # left as it was
+    cached.write_text(json.dumps(full_row))
     other = {**run_env, "BENCH_SETTINGS": json.dumps({"seft": {"update_interval": 2, "accumulation": 1, "density": 0.1}})}
     changed = subprocess.run(bench, cwd=ROOT, env=other, capture_output=True, text=True, timeout=300)
     assert changed.returncode != 0 and "pruned-0.7-seft-s0.json was measured with other config, options;" in changed.stderr
@@ -191,3 +207,23 @@ def test_interrupted_bench_run_resumes_and_an_interrupted_evaluation_skips_train
     bench.SETTINGS["seft"] = {**bench.SETTINGS["seft"], "density": 0.1}
     with pytest.raises(AssertionError, match="trained again"):
         bench.worker(src, "seft", 0, str(out))
+
+
+def test_paired_difference_of_two_rows_on_the_same_items():
+    """The mean over tasks of the per-item differences, its error from their spread; drawn for every two scored rows."""
+    bench = _module("bench_repair")
+    a = {"x": {"acc": 0.5, "stderr": 0.29, "n": 4, "correct": "1100"}, "y": {"acc": 1.0, "stderr": 0.0, "n": 2, "correct": "11"}}
+    b = {"x": {"acc": 0.25, "stderr": 0.25, "n": 4, "correct": "1000"}, "y": {"acc": 0.5, "stderr": 0.5, "n": 2, "correct": "10"}}
+    diff, se = bench.paired_difference(a, b)
+    # x: d = 0,1,0,0 (mean .25, variance .25 → .0625 over 4 items); y: d = 0,1 (mean .5, variance .5 → .25 over 2)
+    assert diff == pytest.approx(0.375) and se == pytest.approx((0.0625 + 0.25) ** 0.5 / 2)
+    assert bench.paired_difference(a, a) == (0.0, 0.0)
+    assert bench.paired_difference(a, {"x": b["x"]}) is None  # other tasks
+    assert bench.paired_difference(a, {**b, "y": {"acc": 0.5, "stderr": 0.5, "n": 2}}) is None  # a row without its items
+    row = lambda method, tasks: {"method": method, "seed": 0, "ppl_in": 10.0, "ppl_out": 20.0, "regrown": 0, "tasks": tasks}  # noqa: E731
+    results = {"protocol": "p", "steps": 1, "dense": {**row("dense", a), "ppl_in": 5.0, "ppl_out": 6.0}, "patterns": {"0.7": {"pruned": row("pruned", b),
+               "rows": [row("masked-lora", a), row("seft", b), row("static", {k: {f: v for f, v in t.items() if f != "correct"}
+                                                                                for k, t in b.items()})]}}}
+    text = bench.render(results)
+    assert "| 0.7 | masked-lora (s0) − seft (s0) | +37.50 | 27.95 | +1.3 |" in text
+    assert "static (s0) |" not in text.split("Paired differences")[1]  # scored before rows kept their items: no pair

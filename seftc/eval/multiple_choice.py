@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from seftc.data.tasks import check_task_names, load_task
@@ -39,6 +39,7 @@ class TaskResult:
     acc: float
     acc_stderr: float
     n: int
+    correct: tuple[bool, ...] = field(default=(), repr=False)  # per item, in eval order: for paired comparisons of two models
 
 
 def max_length(model: Any, tokenizer: Any = None, default: int = 2048) -> int:
@@ -228,14 +229,14 @@ def evaluate_tasks(
         reqs = [r for it in items for r in it.requests()]
         share = [i for i, it in enumerate(items) for _ in it.requests()]  # an item's choices share their prefix
         scores = score_requests(model, tokenizer, reqs, batch_size, progress, description=name, share=share)
-        correct, k = 0, 0
+        right, k = [], 0
         for it in items:
             conts = [cont for _, cont in it.requests()]
             normed = [_normalise(lp, ntok, c, norm) for (lp, ntok), c in zip(scores[k:k + len(conts)], conts)]
             k += len(conts)
-            correct += int(max(range(len(normed)), key=normed.__getitem__) == it.label)
+            right.append(max(range(len(normed)), key=normed.__getitem__) == it.label)
         n = len(items)
-        acc = correct / n
+        acc = sum(right) / n
         stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0
-        results[name] = TaskResult(acc=acc, acc_stderr=stderr, n=n)
+        results[name] = TaskResult(acc=acc, acc_stderr=stderr, n=n, correct=tuple(right))
     return results
