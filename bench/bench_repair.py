@@ -136,12 +136,12 @@ def _task_scores(loaded) -> dict:
 def _backfill_items(row: dict, args: list[str], cached: Path) -> dict:
     """BENCH_ITEMS_BACKFILL=1: a cached row scored before rows kept their per-item outcomes gets them by scoring its
     saved model again; the accuracies must come out as cached (the evaluation is deterministic), else it stops."""
-    folder = Path(args[1] if args[0] == "--eval" else args[4])
-    if not (folder / "config.json").is_file():
+    folder = args[1] if args[0] == "--eval" else args[4]  # a model spec (the dense model) or a saved folder
+    if args[0] == "--worker" and not (Path(folder) / "config.json").is_file():
         print(f"[bench-repair] {cached.stem}: {folder} is gone, per-item outcomes not backfilled", file=sys.stderr, flush=True)
         return row
     env = {**os.environ, **({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // JOBS))} if JOBS > 1 else {})}
-    out = subprocess.run([sys.executable, __file__, "--tasks", str(folder)], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    out = subprocess.run([sys.executable, __file__, "--tasks", folder], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     scores = json.loads(out.stdout.strip().splitlines()[-1])
     if {k: v["acc"] for k, v in scores.items()} != {k: v["acc"] for k, v in row["tasks"].items()}:
         raise SystemExit(f"bench-repair: {folder} scored again gives other accuracies than {cached} keeps; the row is left as it was")
