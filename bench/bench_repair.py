@@ -54,6 +54,7 @@ SEEDS = [int(s) for s in os.environ.get("BENCH_SEEDS", "0").split(",")]
 NM_SEEDS = [int(s) for s in os.environ.get("BENCH_NM_SEEDS", ",".join(map(str, SEEDS))).split(",")]
 TASK_METHODS = os.environ.get("BENCH_TASK_METHODS", ",".join(METHODS)).split(",")  # accuracies for these (first seed)
 RENDER_ONLY = os.environ.get("BENCH_RENDER_ONLY") == "1"  # table from the rows already measured
+FAILED: list[str] = []  # rows whose run failed in this invocation
 ITEMS_BACKFILL = os.environ.get("BENCH_ITEMS_BACKFILL") == "1"  # cached rows scored before per-item outcomes were kept: score again
 PPL_WINDOWS = int(os.environ.get("BENCH_PPL_WINDOWS", 32))
 PPL_SOURCES = os.environ.get("BENCH_PPL_SOURCES", "shakespeare:test,lambada").split(",")  # in-domain, out-of-domain
@@ -290,8 +291,13 @@ def _spawn(args: list[str], key: str) -> dict:
     env = dict(os.environ)
     if JOBS > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // JOBS))
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
-    row = {**json.loads(out.strip().splitlines()[-1]), "inputs": inputs}
+    run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if run.returncode != 0:  # said now (the others go on; a run with checkpoints continues from them next time)
+        tail = "\n".join(run.stderr.strip().splitlines()[-8:])
+        print(f"[bench-repair] {key} failed (exit {run.returncode}):\n{tail}", file=sys.stderr, flush=True)
+        FAILED.append(key)
+        return {}
+    row = {**json.loads(run.stdout.strip().splitlines()[-1]), "inputs": inputs}
     _write_row(cached, row)
     print(f"[bench-repair] {key} {json.dumps(row)}", file=sys.stderr, flush=True)
     return row
@@ -324,7 +330,9 @@ def main() -> None:
                 jobs.append((name, ["--worker", str(src), method, str(seed), str(WORK / name)]))
     with ThreadPoolExecutor(max_workers=JOBS) as pool:
         rows = dict(zip([k for k, _ in jobs], pool.map(lambda job: _spawn(job[1], job[0]), jobs)))
-    rows = {k: v for k, v in rows.items() if v}  # BENCH_RENDER_ONLY: what was measured
+    rows = {k: v for k, v in rows.items() if v}  # BENCH_RENDER_ONLY or a failed run: what was measured
+    if "dense" not in rows:
+        raise SystemExit("bench-repair: the dense model has no row" + (f" ({FAILED[0]} failed, above)" if FAILED else ""))
     results["dense"] = rows["dense"]
     if f"dense-trained-s{SEEDS[0]}" in rows:
         results["dense_trained"] = rows[f"dense-trained-s{SEEDS[0]}"]
@@ -333,6 +341,8 @@ def main() -> None:
             results["patterns"][pattern] = {"pruned": rows[src.name],
                                             "rows": [rows[k] for k, _ in jobs if k.startswith(src.name + "-") and k in rows]}
     print(_write(results))
+    if FAILED:
+        raise SystemExit(f"bench-repair: {len(FAILED)} run(s) failed: {', '.join(FAILED)} (their errors above); the table shows the rest")
 
 
 def _gap(pruned: dict, dense: dict, row: dict, key: str) -> float:

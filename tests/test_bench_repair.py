@@ -120,6 +120,14 @@ def test_bench_repair_commonsense_on_tiny_settings(tiny_dir, tmp_path, full):
     assert refused.returncode != 0 and "scored again gives other accuracies" in refused.stderr and "Traceback" not in refused.stderr
     assert json.loads(cached.read_text()) == tampered  # left as it was
     cached.write_text(json.dumps(full_row))
+    # a run that fails says why at once, the others go on, the table shows what was measured, and the benchmark exits non-zero
+    broken = {**run_env, "BENCH_METHODS": "seft,static", "BENCH_SETTINGS": json.dumps(
+        {**json.loads(run_env["BENCH_SETTINGS"]), "static": {"data": str(tmp_path / "no-such-text.txt")}})}
+    failed = subprocess.run(bench, cwd=ROOT, env=broken, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "[bench-repair] pruned-0.7-static-s0 failed (exit" in failed.stderr
+    assert "no-such-text.txt" in failed.stderr and "1 run(s) failed: pruned-0.7-static-s0" in failed.stderr
+    assert "Traceback (most recent call last)" not in failed.stderr.split("failed (exit")[0]
+    assert [r["method"] for r in json.loads((tmp_path / "results" / "repair-commonsense.json").read_text())["patterns"]["0.7"]["rows"]] == ["seft"]
     other = {**run_env, "BENCH_SETTINGS": json.dumps({"seft": {"update_interval": 2, "accumulation": 1, "density": 0.1}})}
     changed = subprocess.run(bench, cwd=ROOT, env=other, capture_output=True, text=True, timeout=300)
     assert changed.returncode != 0 and "pruned-0.7-seft-s0.json was measured with other config, options;" in changed.stderr
