@@ -142,8 +142,13 @@ def _backfill_items(row: dict, args: list[str], cached: Path) -> dict:
         print(f"[bench-repair] {cached.stem}: {folder} is gone, per-item outcomes not backfilled", file=sys.stderr, flush=True)
         return row
     env = {**os.environ, **({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // JOBS))} if JOBS > 1 else {})}
-    out = subprocess.run([sys.executable, __file__, "--tasks", folder], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
-    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    run = subprocess.run([sys.executable, __file__, "--tasks", folder], capture_output=True, text=True, cwd=ROOT, env=env)
+    if run.returncode != 0:
+        tail = "\n".join(run.stderr.strip().splitlines()[-8:])
+        print(f"[bench-repair] {cached.stem}: scoring {folder} again failed (exit {run.returncode}):\n{tail}", file=sys.stderr, flush=True)
+        FAILED.append(cached.stem)
+        return row
+    scores = json.loads(run.stdout.strip().splitlines()[-1])
     if {k: v["acc"] for k, v in scores.items()} != {k: v["acc"] for k, v in row["tasks"].items()}:
         raise SystemExit(f"bench-repair: {folder} scored again gives other accuracies than {cached} keeps; the row is left as it was")
     row = {**row, "tasks": {k: {**v, "correct": scores[k]["correct"]} for k, v in row["tasks"].items()}}
