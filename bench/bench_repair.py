@@ -141,14 +141,9 @@ def _backfill_items(row: dict, args: list[str], cached: Path) -> dict:
     if args[0] == "--worker" and not (Path(folder) / "config.json").is_file():
         print(f"[bench-repair] {cached.stem}: {folder} is gone, per-item outcomes not backfilled", file=sys.stderr, flush=True)
         return row
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // JOBS))} if JOBS > 1 else {})}
-    run = subprocess.run([sys.executable, __file__, "--tasks", folder], capture_output=True, text=True, cwd=ROOT, env=env)
-    if run.returncode != 0:
-        tail = "\n".join(run.stderr.strip().splitlines()[-8:])
-        print(f"[bench-repair] {cached.stem}: scoring {folder} again failed (exit {run.returncode}):\n{tail}", file=sys.stderr, flush=True)
-        FAILED.append(cached.stem)
+    scores = _child(["--tasks", folder], cached.stem, f"{cached.stem}: scoring {folder} again")
+    if scores is None:
         return row
-    scores = json.loads(run.stdout.strip().splitlines()[-1])
     if {k: v["acc"] for k, v in scores.items()} != {k: v["acc"] for k, v in row["tasks"].items()}:
         raise SystemExit(f"bench-repair: {folder} scored again gives other accuracies than {cached} keeps; the row is left as it was")
     row = {**row, "tasks": {k: {**v, "correct": scores[k]["correct"]} for k, v in row["tasks"].items()}}
@@ -157,10 +152,24 @@ def _backfill_items(row: dict, args: list[str], cached: Path) -> dict:
 
 
 def _write_row(cached: Path, row: dict) -> None:
+    from seftc.models.saving import atomic_file
+
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row))
-    tmp.replace(cached)
+    with atomic_file(cached) as tmp:
+        tmp.write_text(json.dumps(row))
+
+
+def _child(args: list[str], key: str, what: str) -> dict | None:
+    """This script on `args` in its own process (cores/JOBS threads); its last stdout line as JSON. A failure is
+    said at once with its stderr's tail, recorded under `key` in FAILED, and gives None (the others go on)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // JOBS))} if JOBS > 1 else {})}
+    run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if run.returncode != 0:
+        tail = "\n".join(run.stderr.strip().splitlines()[-8:])
+        print(f"[bench-repair] {what} failed (exit {run.returncode}):\n{tail}", file=sys.stderr, flush=True)
+        FAILED.append(key)
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def _repair_options(method: str, seed: int) -> dict:
@@ -293,16 +302,10 @@ def _spawn(args: list[str], key: str) -> dict:
         return row
     if RENDER_ONLY:
         return {}
-    env = dict(os.environ)
-    if JOBS > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // JOBS))
-    run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, env=env)
-    if run.returncode != 0:  # said now (the others go on; a run with checkpoints continues from them next time)
-        tail = "\n".join(run.stderr.strip().splitlines()[-8:])
-        print(f"[bench-repair] {key} failed (exit {run.returncode}):\n{tail}", file=sys.stderr, flush=True)
-        FAILED.append(key)
+    measured = _child(args, key, key)  # a failed run with checkpoints continues from them next time
+    if measured is None:
         return {}
-    row = {**json.loads(run.stdout.strip().splitlines()[-1]), "inputs": inputs}
+    row = {**measured, "inputs": inputs}
     _write_row(cached, row)
     print(f"[bench-repair] {key} {json.dumps(row)}", file=sys.stderr, flush=True)
     return row
