@@ -27,7 +27,8 @@ Protocol (printed into results/repair.md):
   the run's process high-water mark (of the resumed process for a row with `resumed_from_step`:
   runs write a checkpoint every BENCH_CHECKPOINT_EVERY steps, default 10, and an interrupted run
   continues from it bit-identically; one interrupted in its evaluation is evaluated again without
-  training);
+  training); rows kept in the committed results/NAME.json that WORK lacks (a fresh clone) are
+  taken from it and checked like any cached row, so a benchmark is extended, not measured again;
 - reference row `dense+train`: the dense model trained (all weights of the target layers,
   mask of ones) with static's options, data and budget.
 """
@@ -311,6 +312,27 @@ def _spawn(args: list[str], key: str) -> dict:
     return row
 
 
+def _seed_rows() -> int:
+    """Rows of the committed RESULTS/NAME.json that WORK/rows lacks (a fresh clone, a cleaned runs/) are written
+    there as they were measured; `_spawn` then checks their inputs like any cached row's. Returns how many."""
+    committed = RESULTS / f"{NAME}.json"
+    if not committed.is_file():
+        return 0
+    results = json.loads(committed.read_text())
+    found = [results.get("dense"), results.get("dense_trained")]
+    for block in results.get("patterns", {}).values():
+        found += [block.get("pruned"), *block.get("rows", [])]
+    seeded = 0
+    for row in found:
+        key = (row or {}).get("inputs", {}).get("key")
+        if key and not (WORK / "rows" / f"{key}.json").is_file():
+            _write_row(WORK / "rows" / f"{key}.json", row)
+            seeded += 1
+    if seeded:
+        print(f"[bench-repair] {seeded} row(s) taken from {committed} (not in {WORK / 'rows'})", file=sys.stderr, flush=True)
+    return seeded
+
+
 def _write(results: dict) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -323,6 +345,7 @@ def main() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     WORK.mkdir(parents=True, exist_ok=True)
+    _seed_rows()
     results: dict = {"protocol": __doc__, "steps": STEPS, "data": DATA, "settings": SETTINGS, "jobs": JOBS, "patterns": {},
                      "ppl_sources": PPL_SOURCES, "seqlen": SEQLEN}
     sources = {pattern: _pruned(pattern) for pattern in PATTERNS}  # one-shot pruning first, all cores
