@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,12 @@ def test_bench_repair_commonsense_on_tiny_settings(tiny_dir, tmp_path, full):
     bench = [sys.executable, str(ROOT / "bench" / "bench_repair.py")]
     again = subprocess.run(bench, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "[bench-repair]" not in again.stderr, again.stderr[-2000:]
+    assert json.loads((tmp_path / "results" / "repair-commonsense.json").read_text())["patterns"] == results["patterns"]
+    # a fresh clone (no runs/): the rows come back from the committed results file and nothing is measured again
+    shutil.rmtree(tmp_path / "work" / "rows")
+    fresh = subprocess.run(bench, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=300)
+    notes = [line for line in fresh.stderr.splitlines() if line.startswith("[bench-repair]")]
+    assert fresh.returncode == 0 and len(notes) == 1 and "row(s) taken from" in notes[0], fresh.stderr[-2000:]
     assert json.loads((tmp_path / "results" / "repair-commonsense.json").read_text())["patterns"] == results["patterns"]
     # rows cached before per-item outcomes were kept get them by scoring their saved model again (the same accuracies)
     cached = tmp_path / "work" / "rows" / "pruned-0.7-seft-s0.json"
