@@ -11,6 +11,7 @@ Without torchrun every function here is a no-op, so the training loop has one co
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass, field
@@ -229,6 +230,13 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return plain.to(next(model.parameters()).device).eval()  # the computed buffers join the weights' device
 
 
+def _destroy_group() -> None:
+    import torch.distributed as td
+
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
 def setup(device: str | None = None, fsdp: bool = False) -> Dist:
     """The process group (under torchrun) and the device of this rank: `device` cpu or cuda
     (default: CUDA when available); on CUDA under torchrun, cuda:LOCAL_RANK with NCCL."""
@@ -244,4 +252,8 @@ def setup(device: str | None = None, fsdp: bool = False) -> Dist:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not td.is_initialized():
         td.init_process_group(backend=backend)
+        # the group this process made is torn down before the interpreter's: gloo's threads,
+        # left to the C++ teardown, can abort the process ("terminate called without an active
+        # exception") after its work is done and saved
+        atexit.register(_destroy_group)
     return Dist(td.get_rank(), td.get_world_size(), dev, fsdp, td.new_group(backend=backend))
