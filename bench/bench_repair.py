@@ -313,23 +313,27 @@ def _spawn(args: list[str], key: str) -> dict:
 
 
 def _seed_rows() -> int:
-    """Rows of the committed RESULTS/NAME.json that WORK/rows lacks (a fresh clone, a cleaned runs/) are written
-    there as they were measured; `_spawn` then checks their inputs like any cached row's. Returns how many."""
-    committed = RESULTS / f"{NAME}.json"
-    if not committed.is_file():
-        return 0
-    results = json.loads(committed.read_text())
-    found = [results.get("dense"), results.get("dense_trained")]
-    for block in results.get("patterns", {}).values():
-        found += [block.get("pruned"), *block.get("rows", [])]
+    """Rows of the committed RESULTS/NAME.json (and of each RESULTS/N.json for N in BENCH_SEED_NAMES: another
+    benchmark's rows in the same BENCH_DIR) that WORK/rows lacks (a fresh clone, a cleaned runs/) are written there
+    as they were measured; `_spawn` then checks their inputs like any cached row's. Returns how many."""
     seeded = 0
-    for row in found:
-        key = (row or {}).get("inputs", {}).get("key")
-        if key and not (WORK / "rows" / f"{key}.json").is_file():
-            _write_row(WORK / "rows" / f"{key}.json", row)
-            seeded += 1
-    if seeded:
-        print(f"[bench-repair] {seeded} row(s) taken from {committed} (not in {WORK / 'rows'})", file=sys.stderr, flush=True)
+    for name in dict.fromkeys(filter(None, [NAME, *os.environ.get("BENCH_SEED_NAMES", "").split(",")])):
+        committed = RESULTS / f"{name}.json"
+        if not committed.is_file():
+            continue
+        results = json.loads(committed.read_text())
+        found = [results.get("dense"), results.get("dense_trained")]
+        for block in results.get("patterns", {}).values():
+            found += [block.get("pruned"), *block.get("rows", [])]
+        here = 0
+        for row in found:
+            key = (row or {}).get("inputs", {}).get("key")
+            if key and not (WORK / "rows" / f"{key}.json").is_file():
+                _write_row(WORK / "rows" / f"{key}.json", row)
+                here += 1
+        if here:
+            print(f"[bench-repair] {here} row(s) taken from {committed} (not in {WORK / 'rows'})", file=sys.stderr, flush=True)
+        seeded += here
     return seeded
 
 

@@ -16,7 +16,9 @@ Protocol (written into results/repair-curve.md and .json, the plot into results/
 - a point is on the Pareto front of a text when no other point has both less or equal peak
   memory and lower or equal perplexity on it (one of them strictly);
 - each measured row is cached (quality: BENCH_DIR/rows, memory: BENCH_SCALE_DIR/rows.json) with
-  the inputs it was measured with, so the curve can be completed over several sittings;
+  the inputs it was measured with, so the curve can be completed over several sittings; rows kept in the committed
+  results (results/repair-140.json, repair-curve-runs.json, repair-curve.json) are taken from there when the cache
+  lacks them (a fresh clone), so only what was never measured is measured;
   BENCH_ONLY_CACHED=1 draws what is measured and lists what is missing; BENCH_QUALITY_CACHED=1 measures
   the memory rows only (they can run beside the quality runs: peak RSS does not depend on the load).
 """
@@ -76,13 +78,21 @@ def points(settings: dict) -> list[dict]:
     return out
 
 
+def bench_settings(pts: list[dict], target: dict) -> dict:
+    """BENCH_SETTINGS of the quality runs. A point named as its method is the target's own row: the target's options
+    exactly (a rank left at its default is not written there), so its cached row is reused, not refused as measured
+    with other options."""
+    return {p["name"]: target.get(p["name"], {}) if p["name"] == p["method"] else p["options"] for p in pts}
+
+
 def quality(env: dict, pts: list[dict]) -> dict:
     """bench_repair.py on the points (rows cached in its BENCH_DIR); the rows by point name."""
-    settings = {p["name"]: p["options"] for p in pts}
+    settings = bench_settings(pts, json.loads(env["BENCH_SETTINGS"]))
     name = os.environ.get("BENCH_QUALITY_NAME", "repair-curve-runs")
     run = {**os.environ, **env, "BENCH_METHODS": ",".join(p["name"] for p in pts), "BENCH_PATTERNS": env["BENCH_PATTERNS"].split(",")[0],
            "BENCH_SEEDS": env["BENCH_SEEDS"].split(",")[0], "BENCH_SETTINGS": json.dumps(settings), "BENCH_NAME": name,
            "BENCH_TASK_METHODS": os.environ.get("BENCH_TASK_METHODS", "seft,static"), "PYTHONPATH": str(ROOT),
+           "BENCH_SEED_NAMES": f"{env['BENCH_NAME']},{name}",  # the target's committed rows too (its own points)
            **({"BENCH_RENDER_ONLY": "1"} if QUALITY_CACHED else {})}
     for key in ("BENCH_DIR", "BENCH_MODEL", "BENCH_STEPS", "BENCH_SEQLEN", "BENCH_CALIB", "BENCH_CALIB_N", "BENCH_CALIB_SEQLEN",
                 "BENCH_PPL_WINDOWS", "BENCH_PPL_SEQLEN", "BENCH_LIMIT", "BENCH_TASKS", "BENCH_DAMAGE_WINDOWS", "BENCH_RESULTS_DIR",
@@ -102,6 +112,40 @@ def cli_options(options: dict) -> list[str]:
     return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
+def memory_key(p: dict, sparsity: float) -> dict:
+    """What one point's memory row depends on besides the code (its key in the row cache)."""
+    import bench_scale as scale
+
+    return {"shape": SHAPE, "command": "repair-curve", "method": p["method"], "options": p["options"], "sparsity": sparsity,
+            "overrides": MEMORY_OVERRIDES.get(p["method"], {}), "steps": scale.REPAIR_STEPS, "batch_per_rank": scale.REPAIR_BATCH,
+            "repair_seqlen": scale.REPAIR_SEQLEN, "data": os.environ.get("BENCH_REPAIR_DATA", scale.REPAIR_DATA)}
+
+
+def seed_memory_rows(cache, committed: Path, sparsity: float) -> int:
+    """Memory rows of the committed results (a fresh clone, a cleaned runs/) that the row cache lacks, as they were
+    measured: a point's kept key, or for a file written before keys were kept, its key under the present settings
+    (the settings those rows were measured with; their commits are in the file). Returns how many."""
+    if not committed.is_file():
+        return 0
+    results = json.loads(committed.read_text())
+    if results.get("shape") != SHAPE or results.get("sparsity") != sparsity:
+        return 0
+    seeded = 0
+    for p in results.get("points", []):
+        if "peak_gib" not in p:
+            continue
+        key = p.get("memory_key") or memory_key(p, sparsity)
+        k = json.dumps(key, sort_keys=True)
+        if k not in cache.rows:
+            cache.rows[k] = {**key, "peak_rss": p["peak_gib"] * 2**30, "commit": p.get("memory_commit"),
+                             **({"train_peak": p["train_peak_gib"] * 2**30} if "train_peak_gib" in p else {}),
+                             "seeded_from": str(committed.relative_to(ROOT) if committed.is_relative_to(ROOT) else committed)}
+            seeded += 1
+    if seeded:
+        print(f"[bench-repair-curve] {seeded} memory row(s) taken from {committed}", file=sys.stderr, flush=True)
+    return seeded
+
+
 def memory(pts: list[dict], sparsity: float) -> dict:
     """Peak RSS of 2 steps of each point on the SHAPE model pruned to `sparsity` (cached rows)."""
     import bench_scale as scale
@@ -109,6 +153,7 @@ def memory(pts: list[dict], sparsity: float) -> dict:
     work = Path(os.environ.get("BENCH_SCALE_DIR", ROOT / "runs" / "bench-scale"))
     work.mkdir(parents=True, exist_ok=True)
     cache = scale.RowCache(work / "rows.json", False, ONLY_CACHED)
+    seed_memory_rows(cache, Path(os.environ.get("BENCH_RESULTS_DIR", ROOT / "results")) / "repair-curve.json", sparsity)
     model, pruned = work / f"model-{SHAPE}", work / f"pruned-{SHAPE}-wanda{sparsity:g}"
     data = os.environ.get("BENCH_REPAIR_DATA", scale.REPAIR_DATA)
     out = {}
@@ -130,12 +175,10 @@ def memory(pts: list[dict], sparsity: float) -> dict:
             train_peak = json.loads(run["stdout"])["config"]["peak_rss_mib"] * 2**20  # the manifest's: load + training, before the save
             return {**{k: v for k, v in run.items() if k != "stdout"}, "train_peak": train_peak}
 
-        key = {"shape": SHAPE, "command": "repair-curve", "method": p["method"], "options": p["options"], "sparsity": sparsity,
-               "overrides": MEMORY_OVERRIDES.get(p["method"], {}),
-               "steps": scale.REPAIR_STEPS, "batch_per_rank": scale.REPAIR_BATCH, "repair_seqlen": scale.REPAIR_SEQLEN, "data": data}
+        key = memory_key(p, sparsity)
         row = cache.get(key, measure)
         if row:
-            out[p["name"]] = row
+            out[p["name"]] = {**row, "key": key}
     return out
 
 
@@ -202,7 +245,7 @@ def main() -> None:
             r = q["rows"][p["name"]]
             row.update(ppl_in=r["ppl_in"], ppl_out=r["ppl_out"], trainable=r.get("trainable"))
         if p["name"] in mem:
-            row.update(peak_gib=mem[p["name"]]["peak_rss"] / 2**30, memory_commit=mem[p["name"]]["commit"])
+            row.update(peak_gib=mem[p["name"]]["peak_rss"] / 2**30, memory_commit=mem[p["name"]]["commit"], memory_key=mem[p["name"]]["key"])
             if "train_peak" in mem[p["name"]]:
                 row["train_peak_gib"] = mem[p["name"]]["train_peak"] / 2**30
         table.append(row)

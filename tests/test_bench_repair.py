@@ -145,10 +145,15 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     """`make bench-repair-curve` on a tiny model and the tiny random shape: each point's quality (bench_repair.py
     with bench-repair-140's settings, ρ or rank changed) and memory (2 steps, own process), the Pareto marks, the plot."""
     curve = _module("bench_repair_curve")
-    pts = curve.points(json.loads(_make_env("bench-repair-140")["BENCH_SETTINGS"]))
+    settings = json.loads(_make_env("bench-repair-140")["BENCH_SETTINGS"])
+    pts = curve.points(settings)
     assert [p["label"] for p in pts if p["method"] == "seft"] == [f"seft ρ={r:g}" for r in curve.DENSITIES]
     assert {p["name"] for p in pts} >= {"seft", "static", "masked-lora"}  # bench-repair-140's own rows at its ρ and default rank
     assert all(p["options"]["evict_score"] == "window" for p in pts if p["method"] == "seft")
+    # the target's own rows (ρ 0.1, rank 8, static) run with the target's options exactly, so their cached rows are reused
+    ran = curve.bench_settings(pts, settings)
+    assert {n: ran[n] for n in ("seft", "static", "masked-lora")} == {n: settings.get(n, {}) for n in ("seft", "static", "masked-lora")}
+    assert ran["masked-lora@r16"]["lora_r"] == 16 and ran["seft@rho0.02"]["density"] == 0.02
     assert curve.pareto({"a": (1.0, 5.0), "b": (2.0, 4.0), "c": (2.0, 6.0), "d": (1.0, 5.0)}) == {"a", "b", "d"}
     env = {**os.environ, "BENCH_MODEL": str(tiny_dir), "BENCH_STEPS": "2", "BENCH_SEQLEN": "32", "BENCH_CALIB": TEXT, "BENCH_CALIB_N": "4",
            "BENCH_CALIB_SEQLEN": "32", "BENCH_PPL_WINDOWS": "1", "BENCH_PPL_SEQLEN": "32", "BENCH_TASKS": "", "BENCH_JOBS": "1",
@@ -168,6 +173,17 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     assert seft[0]["trainable"] < seft[1]["trainable"] and seft[0]["plan_7b"] < seft[1]["plan_7b"]
     text = (tmp_path / "results" / "repair-curve.md").read_text()
     assert "Pareto front" in text and "Not yet measured" not in text and (tmp_path / "results" / "repair-curve.png").is_file()
+    # a fresh clone (no runs/): both kinds of rows come from the committed results, nothing is measured again
+    shutil.rmtree(tmp_path / "work")
+    (tmp_path / "scale" / "rows.json").unlink()
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_repair_curve.py")], cwd=ROOT, env={**env, "BENCH_ONLY_CACHED": "1"},
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "memory row(s) taken from" in again.stderr and "row(s) taken from" in again.stderr
+    redrawn = json.loads((tmp_path / "results" / "repair-curve.json").read_text())
+    assert [(p["ppl_in"], p["ppl_out"], p["peak_gib"], p["memory_commit"]) for p in redrawn["points"]] == \
+        [(p["ppl_in"], p["ppl_out"], p["peak_gib"], p["memory_commit"]) for p in out["points"]]
+    assert "Not yet measured" not in (tmp_path / "results" / "repair-curve.md").read_text()
 
 
 def test_interrupted_bench_run_resumes_and_an_interrupted_evaluation_skips_training(tiny_dir, tmp_path, monkeypatch):
