@@ -168,6 +168,8 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     assert labels == ["seft ρ=0.05", "seft ρ=0.1", "masked-lora r=4", "static"]
     for p in out["points"]:
         assert p["ppl_in"] > 0 and p["peak_gib"] >= p["train_peak_gib"] > 0 and p["plan_7b"] > 0 and p["front_ppl_in"] in (True, False)
+        assert p["plan_front_ppl_out"] in (True, False)
+    assert any(p["plan_front_ppl_in"] for p in out["points"])
     assert any(p["front_ppl_out"] for p in out["points"])
     seft = [p for p in out["points"] if p["method"] == "seft"]
     assert seft[0]["trainable"] < seft[1]["trainable"] and seft[0]["plan_7b"] < seft[1]["plan_7b"]
