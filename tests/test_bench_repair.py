@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,7 +170,11 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     for p in out["points"]:
         assert p["ppl_in"] > 0 and p["peak_gib"] >= p["train_peak_gib"] > 0 and p["plan_7b"] > 0 and p["front_ppl_in"] in (True, False)
         assert p["plan_front_ppl_out"] in (True, False)
-    assert any(p["plan_front_ppl_in"] for p in out["points"])
+    for key in ("ppl_in", "ppl_out"):  # the 7B-plan front is taken on the projected memory, not the measured one
+        for p in out["points"]:
+            dominated = any(o["plan_7b"] <= p["plan_7b"] and o[key] <= p[key] and (o["plan_7b"] < p["plan_7b"] or o[key] < p[key])
+                            for o in out["points"] if o is not p)
+            assert p[f"plan_front_{key}"] is not dominated
     assert any(p["front_ppl_out"] for p in out["points"])
     seft = [p for p in out["points"] if p["method"] == "seft"]
     assert seft[0]["trainable"] < seft[1]["trainable"] and seft[0]["plan_7b"] < seft[1]["plan_7b"]
@@ -181,7 +186,8 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_repair_curve.py")], cwd=ROOT, env={**env, "BENCH_ONLY_CACHED": "1"},
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "memory row(s) taken from" in again.stderr and "row(s) taken from" in again.stderr
+    assert "memory row(s) taken from" in again.stderr
+    assert re.search(r"\[bench-repair\] \d+ row\(s\) taken from \S*repair-curve-runs\.json", again.stderr)
     redrawn = json.loads((tmp_path / "results" / "repair-curve.json").read_text())
     assert [(p["ppl_in"], p["ppl_out"], p["peak_gib"], p["memory_commit"]) for p in redrawn["points"]] == \
         [(p["ppl_in"], p["ppl_out"], p["peak_gib"], p["memory_commit"]) for p in out["points"]]
