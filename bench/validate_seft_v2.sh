@@ -46,3 +46,14 @@ lora-merge@lr2e-3,lora-merge@lr5e-3,masked-lora@lr1e-2,masked-lora@lr2e-2,lora-m
 BENCH_PPL_SOURCES=shakespeare:valid,commonsense:valid BENCH_JOBS=2 BENCH_DAMAGE_WINDOWS=2 BENCH_NAME=repair-val40-lora \
 BENCH_DIR=runs/val40 BENCH_RESULTS_DIR=results BENCH_SETTINGS="{\"static\": {\"lr\": 0.001}, $LORA}" \
 .venv/bin/python bench/bench_repair.py
+# LoRA baselines' learning rate at the curve's larger ranks (session 17): masked LoRA at r 16 and r 64, lr 5e-3 and
+# 1e-2 (the two best at r 8 above), same texts and budget; results/repair-val40-lora-rank.md. The 70% model is
+# bench-repair-140's (same calibration) when that benchmark ran first.
+[ -e runs/val40/pruned-0.7 ] || { [ -d runs/bench-repair-140/pruned-0.7 ] && mkdir -p runs/val40 && ln -s ../bench-repair-140/pruned-0.7 runs/val40/pruned-0.7; } || true
+RANK="\"masked-lora@r16lr5e-3\": {\"lora_r\": 16, \"lr\": 0.005}, \"masked-lora@r16lr1e-2\": {\"lora_r\": 16, \"lr\": 0.01}, \
+\"masked-lora@r64lr5e-3\": {\"lora_r\": 64, \"lr\": 0.005}, \"masked-lora@r64lr1e-2\": {\"lora_r\": 64, \"lr\": 0.01}"
+BENCH_STEPS=40 BENCH_PATTERNS=0.7 BENCH_SEEDS=0 BENCH_DENSE_REF=0 BENCH_TASKS= BENCH_PPL_WINDOWS=16 \
+BENCH_METHODS=masked-lora@r16lr5e-3,masked-lora@r16lr1e-2,masked-lora@r64lr5e-3,masked-lora@r64lr1e-2 \
+BENCH_PPL_SOURCES=shakespeare:valid,commonsense:valid BENCH_JOBS=2 BENCH_DAMAGE_WINDOWS=2 BENCH_NAME=repair-val40-lora-rank \
+BENCH_DIR=runs/val40 BENCH_RESULTS_DIR=results BENCH_SETTINGS="{$RANK}" \
+.venv/bin/python bench/bench_repair.py
