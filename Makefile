@@ -83,7 +83,7 @@ bench-repair-commonsense: install
 # the ceiling; quality from bench-repair-140's settings and cached rows (seed 0, Wanda 70%), memory of 2 steps at the
 # 1.1 B shape (BENCH_SCALE_DIR, bench-scale's folder: its random model is reused). ~2.5 h on 2 cores beside bench-repair-140.
 bench-repair-curve: install
-	$(BIN)/python bench/bench_repair_curve.py
+	BENCH_RANK_LR='{"masked-lora": {"16": 0.005}}' $(BIN)/python bench/bench_repair_curve.py
 
 # One SEFT topology update replayed under each eviction score (issue 16's audit): SmolLM2 at Wanda
 # 70%, 9 steps in; held-out loss before and after on shakespeare:valid and commonsense:valid.

@@ -6,7 +6,8 @@ Protocol (written into results/repair-curve.md and .json, the plot into results/
   settings: SmolLM2-135M, Wanda 70%, 140 steps × 4 × 256 tokens of shakespeare:train, seed 0,
   perplexity on shakespeare:test in-domain and LAMBADA out-of-domain); its rows are cached in the
   same folder, so the SEFT (ρ 0.1), masked LoRA (rank 8) and static points are that benchmark's own seed-0 rows;
-  every point keeps its method's options of that target and changes only ρ or the rank;
+  every point keeps its method's options of that target and changes only ρ or the rank (and a rank's learning
+  rate where validation chose another for it: BENCH_RANK_LR, the point then named by it);
 - memory: the same method and options, 2 steps × 1 × 256 tokens on the random-weight 1.1 B
   LLaMA shape (bench/bench_scale.py's, bf16) pruned by Wanda to the same 70%, each run in its own
   process: that process's peak RSS, the x axis (and, beside it, the manifest's peak before the
@@ -40,6 +41,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 DENSITIES = [float(x) for x in os.environ.get("BENCH_DENSITIES", "0.005,0.02,0.05,0.1").split(",")]
 RANKS = [int(x) for x in os.environ.get("BENCH_RANKS", "8,16,64").split(",")]
 LORAS = os.environ.get("BENCH_LORAS", "masked-lora,lora-merge").split(",")
+# a rank's own learning rate where validation chose one other than the method's (`make bench-repair-curve` sets it from
+# results/repair-val40-lora-rank.md): {"masked-lora": {"16": 0.005}}; the point is then named METHOD@rRlrLR
+RANK_LR: dict[str, dict[str, float]] = json.loads(os.environ.get("BENCH_RANK_LR") or "{}")
 # 2 steps hold no SEFT statistics window at the quality runs' interval: the memory runs update the topology after step 1
 # (a 1-step window), so the candidates and the window statistics every window of a quality run holds are in the peak
 MEMORY_OVERRIDES = {"seft": {"update_interval": 1, "accumulation": 1}}
@@ -75,7 +79,12 @@ def points(settings: dict) -> list[dict]:
         for r in RANKS:
             base = settings.get(method, {})
             name = method if r == base.get("lora_r", default_rank) else f"{method}@r{r}"
-            out.append({"label": f"{method} r={r}", "name": name, "method": method, "options": {**base, "lora_r": r}})
+            label, options = f"{method} r={r}", {**base, "lora_r": r}
+            lr = RANK_LR.get(method, {}).get(str(r))
+            if lr is not None and lr != base.get("lr"):
+                tag = f"{lr:.0e}".replace("e-0", "e-")
+                name, label, options = f"{method}@r{r}lr{tag}", f"{label} lr={tag}", {**options, "lr": lr}
+            out.append({"label": label, "name": name, "method": method, "options": options})
     out.append({"label": "static", "name": "static", "method": "static", "options": settings.get("static", {})})
     return out
 

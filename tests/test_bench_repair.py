@@ -142,7 +142,7 @@ def test_bench_repair_commonsense_on_tiny_settings(tiny_dir, tmp_path, full):
     assert "Traceback" not in changed.stderr
 
 
-def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
+def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path, monkeypatch):
     """`make bench-repair-curve` on a tiny model and the tiny random shape: each point's quality (bench_repair.py
     with bench-repair-140's settings, ρ or rank changed) and memory (2 steps, own process), the Pareto marks, the plot."""
     curve = _module("bench_repair_curve")
@@ -155,6 +155,13 @@ def test_bench_repair_curve_on_tiny_settings(tiny_dir, tmp_path):
     ran = curve.bench_settings(pts, settings)
     assert {n: ran[n] for n in ("seft", "static", "masked-lora")} == {n: settings.get(n, {}) for n in ("seft", "static", "masked-lora")}
     assert ran["masked-lora@r16"]["lora_r"] == 16 and ran["seft@rho0.02"]["density"] == 0.02
+    # a rank whose learning rate validation chose apart from the method's runs at it, under its own name
+    monkeypatch.setattr(curve, "RANK_LR", {"masked-lora": {"16": 0.005, "64": 0.01}})
+    tuned = {p["name"]: p for p in curve.points(settings)}
+    monkeypatch.setattr(curve, "RANK_LR", {})
+    assert tuned["masked-lora@r16lr5e-3"]["options"] == {"lora_r": 16, "lr": 0.005} and "masked-lora@r16" not in tuned
+    assert tuned["masked-lora@r16lr5e-3"]["label"] == "masked-lora r=16 lr=5e-3"
+    assert tuned["masked-lora@r64lr1e-2"]["options"]["lr"] == 0.01 and tuned["lora-merge@r16"]["options"] == {"lora_r": 16}
     assert curve.pareto({"a": (1.0, 5.0), "b": (2.0, 4.0), "c": (2.0, 6.0), "d": (1.0, 5.0)}) == {"a", "b", "d"}
     env = {**os.environ, "BENCH_MODEL": str(tiny_dir), "BENCH_STEPS": "2", "BENCH_SEQLEN": "32", "BENCH_CALIB": TEXT, "BENCH_CALIB_N": "4",
            "BENCH_CALIB_SEQLEN": "32", "BENCH_PPL_WINDOWS": "1", "BENCH_PPL_SEQLEN": "32", "BENCH_TASKS": "", "BENCH_JOBS": "1",
